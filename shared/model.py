@@ -1,0 +1,150 @@
+"""GPT 模型：配置预设、LayerNorm、GELU、前馈网络、Transformer 块、GPTModel 与贪心生成，在 04_gpt_model 中讲解。"""
+import math
+
+import torch
+import torch.nn as nn
+
+from .attention import MultiHeadAttention
+from .runtime import PROFILE
+
+# ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
+
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
+GPT_CONFIGS = {
+    # GPT-2 官方四种尺寸（词表 50257，上下文 1024，QKV 带偏置）
+    "gpt2-small (124M)": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium (355M)": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large (774M)": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl (1558M)": dict(emb_dim=1600, n_layers=48, n_heads=25),
+}
+GPT2_BASE = dict(vocab_size=50257, context_length=1024, drop_rate=0.0, qkv_bias=True, tie_weights=True)
+
+COURSE_CONFIGS = {
+    # 本课程的小模型：tiny 供 CI 秒级运行，cpu 供 2 核笔记本电脑几分钟内训练出有意义的结果
+    "tiny": dict(GPT2_BASE, context_length=64, emb_dim=64, n_layers=2, n_heads=2, qkv_bias=False),
+    "cpu": dict(GPT2_BASE, context_length=128, emb_dim=192, n_layers=4, n_heads=4, qkv_bias=False),
+}
+
+
+def model_config(name):
+    """按名字返回配置字典的副本：GPT-2 四种尺寸，或课程的 "tiny" / "cpu"。"""
+    if name in GPT_CONFIGS:
+        return dict(GPT2_BASE, **GPT_CONFIGS[name])
+    if name in COURSE_CONFIGS:
+        return dict(COURSE_CONFIGS[name])
+    raise ValueError(f"未知的模型配置 {name!r}；可选：{', '.join([*GPT_CONFIGS, *COURSE_CONFIGS])}")
+
+
+def config_for_profile(profile=PROFILE):
+    """配置档对应的模型：tiny -> "tiny"，cpu -> "cpu"，gpu -> GPT-2 124M。"""
+    return model_config({"tiny": "tiny", "cpu": "cpu", "gpu": "gpt2-small (124M)"}[profile])
+
+
+class LayerNorm(nn.Module):
+    """对最后一维做均值 0、方差 1 的归一化，再乘可学习的 scale、加 shift。"""
+
+    def __init__(self, emb_dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class GELU(nn.Module):
+    """GELU 的 tanh 近似（GPT-2 使用的版本）。"""
+
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class FeedForward(nn.Module):
+    """逐位置的两层 MLP：emb_dim -> 4*emb_dim -> emb_dim。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN 结构：x + Attn(LN(x))，再 x + FF(LN(x))。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """GPT-2 结构的解码器语言模型，输入 token id (b, T)，输出 logits (b, T, vocab_size)。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        if cfg.get("tie_weights", True):
+            self.out_head.weight = self.tok_emb.weight  # 权重共享 (weight tying)
+        self.apply(self._init_weights)
+        # 残差分支的输出投影再缩小 1/sqrt(2*n_layers)，让残差流的方差不随层数增长
+        for name, p in self.named_parameters():
+            if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, in_idx):
+        b, seq_len = in_idx.shape
+        if seq_len > self.cfg["context_length"]:
+            raise ValueError(
+                f"输入长度 {seq_len} 超过上下文长度 context_length={self.cfg['context_length']}；"
+                "请先截断到最后 context_length 个 token"
+            )
+        pos = torch.arange(seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        x = self.trf_blocks(x)
+        return self.out_head(self.final_norm(x))
+
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    """贪心解码：每步取概率最大的 token。输入超过 context_size 时只保留最后 context_size 个 token。"""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)[:, -1, :]
+        idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx

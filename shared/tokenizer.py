@@ -1,0 +1,50 @@
+"""GPT-2 分词器 (tokenizer) 的统一入口。
+
+优先用 ``tiktoken.get_encoding("gpt2")``（它自己会读 ``TIKTOKEN_CACHE_DIR`` 缓存或联网）；
+失败时改用下载助手获取 GPT-2 官方的 ``vocab.bpe`` 与 ``encoder.json``（支持 ``LLM_MIRROR`` 镜像），
+两条路都走不通时给出清楚的说明。
+"""
+import functools
+import os
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from .download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, MIRROR_ENV, REPO_ROOT, download
+
+CACHE_ENV = "TIKTOKEN_CACHE_DIR"
+
+
+def _absolute_tiktoken_cache():
+    """笔记本的工作目录各不相同，所以把相对的 TIKTOKEN_CACHE_DIR 按仓库根目录解析。"""
+    value = os.environ.get(CACHE_ENV)
+    if value and not os.path.isabs(value):
+        os.environ[CACHE_ENV] = str((REPO_ROOT / value).resolve())
+
+
+
+@functools.lru_cache(maxsize=None)
+def get_gpt2_tokenizer():
+    """返回 GPT-2 的 ``tiktoken.Encoding``（词表 50257，``<|endoftext|>`` 的 id 为 50256）。"""
+    _absolute_tiktoken_cache()
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as first_error:  # 网络与 tiktoken 缓存都不可用
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=str(download(GPT2_VOCAB_BPE)),
+                encoder_json_file=str(download(GPT2_ENCODER_JSON)),
+            )
+            return tiktoken.Encoding(
+                name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
+                mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256},
+            )
+        except Exception as second_error:
+            raise RuntimeError(
+                "无法加载 GPT-2 分词器：tiktoken 既不能联网也没有找到缓存"
+                f"（{type(first_error).__name__}: {first_error}），"
+                f"下载助手也失败了（{second_error}）。\n"
+                f"  怎么办：联网后重试；或设置 {CACHE_ENV}=<含 tiktoken 缓存文件的目录>；"
+                f"或设置 {MIRROR_ENV}=<镜像目录>，其中放有 GPT-2 的 vocab.bpe 与 encoder.json。"
+            ) from second_error
