@@ -1,0 +1,49 @@
+"""仓库层面的约定：README 的测试命令就是 CI 跑的命令；笔记本的存档输出干净可信。"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in REPO.glob("[0-9][0-9]_*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+TEST_COMMAND = "python -m pip install -r requirements.txt -r requirements-test.txt -e . && python -m pytest"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert TEST_COMMAND in readme
+    assert ci.rstrip().splitlines()[-1] == TEST_COMMAND
+    assert "pip install -q torch==2.13.0" in ci
+
+
+def test_every_chapter_has_notebooks():
+    chapters = ["01_pytorch", "02_data_engineering", "03_attention", "04_gpt_model",
+                "05_pretraining", "06_finetuning", "07_lora"]
+    present = {p.parent.name for p in NOTEBOOKS}
+    assert [c for c in chapters if c not in present] == []
+
+
+def code_cells(nb):
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_notebook_is_clean(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cells = code_cells(nb)
+    sources = ["".join(c["source"]) for c in cells]
+    # 只从标准库、requirements 与 shared 导入：不许改 sys.path，也不许从其他章节目录导入
+    for src in sources:
+        assert "sys.path" not in src, "笔记本不应修改 sys.path；shared 通过 pip install -e . 导入"
+        assert not re.search(r"^\s*(from|import)\s+0\d_", src, re.M)
+        assert "previous_chapters" not in src
+    # 开头几个代码单元格要打印当前配置档
+    assert any("describe()" in s or "PROFILE" in s for s in sources[:3]), "开头要打印配置档"
+    outputs = json.dumps([c.get("outputs", []) for c in cells], ensure_ascii=False)
+    assert '"output_type": "error"' not in outputs
+    assert not re.search(r"(/root/|/work/|/home/\w+/|/tmp/|site-packages)", outputs), "输出里有机器路径"
+    assert not re.search(r" at 0x[0-9a-f]{6,}", outputs), "输出里有内存地址"
+    counts = [c["execution_count"] for c, s in zip(cells, sources) if s.strip()]
+    assert None not in counts and counts == sorted(counts), "单元格应从上到下一次运行"
