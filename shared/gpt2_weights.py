@@ -1,0 +1,147 @@
+"""读取真实的 GPT-2 权重（Hugging Face safetensors 格式）到本课程的 GPTModel，在 05_pretraining 中讲解。"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .download import MIRROR_ENV, DownloadError, cache_dir, download, mirror_dir, url_to_relpath
+from .model import GPTModel
+
+# ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
+
+
+# ---- 05_pretraining/01_pretraining.ipynb ----
+GPT2_REPOS = {  # 简称 -> Hugging Face 仓库名
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+GPT2_FILES = ("config.json", "model.safetensors")
+
+
+def hf_url(repo, filename):
+    return f"https://huggingface.co/{repo}/resolve/main/{filename}"
+
+
+def _has_files(folder):
+    return folder is not None and all((Path(folder) / f).is_file() for f in GPT2_FILES)
+
+
+def _hf_cache_snapshots(repo):
+    """Hugging Face 缓存里这个仓库的快照目录（refs/main 指向的优先）。"""
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    root = Path(hub).expanduser() / ("models--" + repo.replace("/", "--"))
+    ref = root / "refs" / "main"
+    snapshots = [root / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    return snapshots + sorted((root / "snapshots").glob("*"))
+
+
+def find_gpt2_dir(name="gpt2", local_dir=None):
+    """在本地找含 config.json 与 model.safetensors 的目录：local_dir、HF 缓存、LLM_MIRROR 镜像、下载缓存。找不到返回 None。"""
+    repo = GPT2_REPOS.get(name, name)
+    candidates = [Path(local_dir).expanduser()] if local_dir else []
+    candidates += _hf_cache_snapshots(repo) + _hf_cache_snapshots(repo.split("/")[-1])
+    relative = url_to_relpath(hf_url(repo, GPT2_FILES[0])).parent
+    if mirror_dir() is not None:
+        candidates.append(mirror_dir() / relative)
+    candidates.append(cache_dir() / relative)
+    return next((c for c in candidates if _has_files(c)), None)
+
+
+def fetch_gpt2(name="gpt2", local_dir=None, allow_download=False):
+    """返回 GPT-2 文件所在目录；本地没有且 allow_download=True 时用下载助手获取（124M 约 0.5 GB）。
+
+    拿不到时抛出 DownloadError，错误信息说明原因。
+    """
+    found = find_gpt2_dir(name, local_dir)
+    if found is not None:
+        return found
+    repo = GPT2_REPOS.get(name, name)
+    if not allow_download:
+        raise DownloadError(f"本地没有 {repo} 的 {' 与 '.join(GPT2_FILES)}（查找了 local_dir、Hugging Face 缓存、"
+                            f"{MIRROR_ENV} 镜像与下载缓存），且未允许下载")
+    paths = [download(hf_url(repo, f), timeout=60) for f in GPT2_FILES]
+    return paths[0].parent
+
+
+# ---- 05_pretraining/01_pretraining.ipynb ----
+def gpt2_config_from_hf(hf_config):
+    """把 Hugging Face 的 GPT-2 config.json（字典）换成本课程 GPTModel 的配置；遇到不支持的设置直接报错。"""
+    unsupported = {
+        "activation_function": ("gelu_new", hf_config.get("activation_function", "gelu_new")),
+        "layer_norm_epsilon": (1e-5, hf_config.get("layer_norm_epsilon", 1e-5)),
+        "scale_attn_by_inverse_layer_idx": (False, hf_config.get("scale_attn_by_inverse_layer_idx", False)),
+        "scale_attn_weights": (True, hf_config.get("scale_attn_weights", True)),
+    }
+    for key, (expected, actual) in unsupported.items():
+        if actual != expected:
+            raise ValueError(f"不支持的 GPT-2 设置 {key}={actual!r}（本课程的 GPTModel 对应 {expected!r}）")
+    return dict(vocab_size=hf_config["vocab_size"], context_length=hf_config["n_positions"],
+                emb_dim=hf_config["n_embd"], n_layers=hf_config["n_layer"], n_heads=hf_config["n_head"],
+                drop_rate=0.0, qkv_bias=True, tie_weights=hf_config.get("tie_word_embeddings", True))
+
+
+def convert_hf_gpt2_state(hf_state, cfg):
+    """Hugging Face GPT-2 的张量字典 -> 本课程 GPTModel 的 state_dict。
+
+    - 键名可以带或不带 "transformer." 前缀；注意力掩码缓冲区 (attn.bias / attn.masked_bias) 被忽略；
+    - HF 的 Conv1D 权重形状是 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
+    - c_attn 把 Q、K、V 拼在一起，拆成 W_query、W_key、W_value；
+    - 没有 lm_head.weight 时（权重共享）输出层就用词嵌入。
+    """
+    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+
+    def take(key):
+        if key not in hf:
+            raise KeyError(f"GPT-2 检查点缺少张量 {key!r}（不是 GPT-2 格式？）")
+        return hf[key]
+
+    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
+    for i in range(cfg["n_layers"]):
+        h, ours = f"h.{i}.", f"trf_blocks.{i}."
+        q, k, v = take(h + "attn.c_attn.weight").T.chunk(3, dim=0)
+        qb, kb, vb = take(h + "attn.c_attn.bias").chunk(3, dim=0)
+        state.update({
+            ours + "att.W_query.weight": q, ours + "att.W_key.weight": k, ours + "att.W_value.weight": v,
+            ours + "att.W_query.bias": qb, ours + "att.W_key.bias": kb, ours + "att.W_value.bias": vb,
+            ours + "att.out_proj.weight": take(h + "attn.c_proj.weight").T,
+            ours + "att.out_proj.bias": take(h + "attn.c_proj.bias"),
+            ours + "ff.layers.0.weight": take(h + "mlp.c_fc.weight").T,
+            ours + "ff.layers.0.bias": take(h + "mlp.c_fc.bias"),
+            ours + "ff.layers.2.weight": take(h + "mlp.c_proj.weight").T,
+            ours + "ff.layers.2.bias": take(h + "mlp.c_proj.bias"),
+            ours + "norm1.scale": take(h + "ln_1.weight"), ours + "norm1.shift": take(h + "ln_1.bias"),
+            ours + "norm2.scale": take(h + "ln_2.weight"), ours + "norm2.shift": take(h + "ln_2.bias"),
+        })
+    state["out_head.weight"] = hf.get("lm_head.weight", state["tok_emb.weight"])
+    return state
+
+
+def load_gpt2_state_into(model, state):
+    """逐个张量核对形状后复制进模型；形状不符时报错并写明张量名。"""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name not in own:
+            raise ValueError(f"模型里没有张量 {name!r}")
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"张量 {name!r} 形状不符：GPT-2 检查点 {tuple(tensor.shape)}，模型 {tuple(own[name].shape)}")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"GPT-2 检查点没有提供这些张量：{missing[:5]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+    return model
+
+
+def load_gpt2(name="gpt2", local_dir=None, allow_download=False, device="cpu"):
+    """读取真实的 GPT-2 权重，返回 (GPTModel, cfg)，模型处于 eval 模式。拿不到文件时抛出 DownloadError。"""
+    folder = fetch_gpt2(name, local_dir, allow_download)
+    cfg = gpt2_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    model = GPTModel(cfg)
+    load_gpt2_state_into(model, convert_hf_gpt2_state(load_file(str(folder / "model.safetensors")), cfg))
+    return model.to(device).eval(), cfg
