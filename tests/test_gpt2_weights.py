@@ -1,0 +1,102 @@
+"""真实 GPT-2 权重的读取：用 transformers 随机初始化的小 GPT2LMHeadModel 检查 logits 一致。"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from shared.download import DownloadError  # noqa: E402
+from shared.gpt2_weights import convert_hf_gpt2_state, find_gpt2_dir, gpt2_config_from_hf, load_gpt2  # noqa: E402
+from shared.model import GPTModel  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-4)  # float32，同一计算的不同实现
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # 让偏置与 LayerNorm 参数都不是默认值，转置/拆分出错就能被发现
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("gpt2_tiny")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+def test_logits_match_transformers(hf_dir):
+    folder, hf_model = hf_dir
+    assert any(k.startswith("transformer.") for k in load_file(folder / "model.safetensors"))
+    model, cfg = load_gpt2(local_dir=folder)
+    assert cfg["emb_dim"] == 48 and cfg["n_layers"] == 2 and cfg["qkv_bias"]
+    with torch.no_grad():
+        ours = model(IDS)
+    torch.testing.assert_close(ours, hf_logits(hf_model, IDS), **TOL)
+
+
+def test_logits_match_without_transformer_prefix(hf_dir, tmp_path):
+    # 官方 openai-community/gpt2 的 model.safetensors 键名不带 "transformer."，还带有注意力掩码缓冲区
+    folder, hf_model = hf_dir
+    state = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    state.pop("lm_head.weight", None)
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    model, _ = load_gpt2(local_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), hf_logits(hf_model, IDS), **TOL)
+    assert model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # 权重共享仍然成立
+
+
+def test_shape_mismatch_names_the_tensor(hf_dir):
+    folder, _ = hf_dir
+    hf_config = json.loads((folder / "config.json").read_text())
+    cfg = gpt2_config_from_hf(hf_config)
+    state = convert_hf_gpt2_state(load_file(folder / "model.safetensors"), cfg)
+    wrong = GPTModel(dict(cfg, emb_dim=64))
+    from shared.gpt2_weights import load_gpt2_state_into
+    with pytest.raises(ValueError, match="tok_emb.weight"):
+        load_gpt2_state_into(wrong, state)
+
+
+def test_unsupported_config_raises(hf_dir):
+    folder, _ = hf_dir
+    hf_config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match="activation_function"):
+        gpt2_config_from_hf(dict(hf_config, activation_function="relu"))
+
+
+def test_missing_files_raise_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM_MIRROR", str(tmp_path / "mirror"))
+    assert find_gpt2_dir("gpt2") is None
+    with pytest.raises(DownloadError, match="openai-community/gpt2"):
+        load_gpt2("gpt2", allow_download=False)
+    with pytest.raises(DownloadError):  # 设置了镜像就不联网：镜像里没有文件 -> 清楚的错误
+        load_gpt2("gpt2", allow_download=True)
+
+
+def test_finds_files_in_hf_cache_layout(hf_dir, tmp_path, monkeypatch):
+    folder, _ = hf_dir
+    snap = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snap / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "hub" / "models--openai-community--gpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--openai-community--gpt2" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert find_gpt2_dir("gpt2") == snap
