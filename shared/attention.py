@@ -4,9 +4,13 @@ import torch.nn as nn
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
+
 # ---- 03_attention/01_attention.ipynb ----
 class MultiHeadAttention(nn.Module):
-    """一次投影得到所有头的 Q、K、V，再拆分成 num_heads 个头并行计算因果注意力。"""
+    """多头因果自注意力：一次投影得到所有头的 Q、K、V，拆成 num_heads 个头并行计算，再拼接并做输出投影。
+
+    输入 x 的形状为 (b, T, d_in)，输出为 (b, T, d_out)；要求 T <= context_length。
+    """
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
