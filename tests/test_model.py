@@ -1,0 +1,213 @@
+"""shared.model 的测试：参数量（公式、meta 设备、与 transformers 对照）、LayerNorm/GELU、前向与贪心生成。"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from shared.model import (
+    COURSE_CONFIGS, GELU, GPT_CONFIGS, FeedForward, GPTModel, LayerNorm, TransformerBlock, config_for_profile,
+    generate_text_simple, model_config,
+)
+
+ALL_CONFIGS = [*GPT_CONFIGS, *COURSE_CONFIGS]
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())  # 共享权重只计一次
+
+
+def formula(cfg):
+    V, C, d, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    per_block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)
+    return V * d + C * d + L * per_block + 2 * d + (0 if cfg["tie_weights"] else V * d)
+
+
+# 手算的精确参数量（共享权重，GPT-2 带 QKV 偏置；课程配置不带）
+EXPECTED_TIED = {
+    "gpt2-small (124M)": 124_439_808,
+    "gpt2-medium (355M)": 354_823_168,
+    "gpt2-large (774M)": 774_030_080,
+    "gpt2-xl (1558M)": 1_557_611_200,
+    "tiny": 3_320_256,
+    "cpu": 11_451_456,
+}
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_param_count_formula_matches_expected(name):
+    cfg = model_config(name)
+    assert formula(cfg) == EXPECTED_TIED[name]
+    V, d = cfg["vocab_size"], cfg["emb_dim"]
+    assert formula(dict(cfg, tie_weights=False)) == EXPECTED_TIED[name] + V * d
+
+
+@pytest.mark.parametrize("name", ["gpt2-small (124M)", "tiny", "cpu"])
+def test_param_count_on_meta_device(name):
+    cfg = model_config(name)
+    with torch.device("meta"):
+        tied = GPTModel(cfg)
+        untied = GPTModel(dict(cfg, tie_weights=False))
+    assert n_params(tied) == EXPECTED_TIED[name]
+    assert n_params(untied) == formula(dict(cfg, tie_weights=False))
+    assert tied.out_head.weight is tied.tok_emb.weight
+    assert untied.out_head.weight is not untied.tok_emb.weight
+
+
+def test_gpt2_124m_untied_counts():
+    cfg = model_config("gpt2-small (124M)")
+    assert formula(dict(cfg, tie_weights=False)) == 163_037_184
+    assert formula(dict(cfg, tie_weights=False, qkv_bias=False)) == 163_009_536  # 差 12 层 * 3 * 768 个偏置
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("tie", [False, True])
+def test_formula_matches_instantiated_small_models(qkv_bias, tie):
+    cfg = dict(model_config("tiny"), vocab_size=500, emb_dim=48, n_heads=3, n_layers=3, qkv_bias=qkv_bias, tie_weights=tie)
+    assert n_params(GPTModel(cfg)) == formula(cfg)
+
+
+def hf_model_for(cfg):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+    )).eval()
+
+
+def copy_to_hf(model, hf):
+    """GPTModel -> GPT2LMHeadModel（HF 的 Conv1D 权重是 (in, out)，需要转置）。"""
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.final_norm.scale, "transformer.ln_f.bias": model.final_norm.shift}
+    for i, blk in enumerate(model.trf_blocks):
+        p, att = f"transformer.h.{i}.", blk.att
+        sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T
+        sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = att.out_proj.weight.T, att.out_proj.bias
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = blk.ff.layers[0].weight.T, blk.ff.layers[0].bias
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = blk.ff.layers[2].weight.T, blk.ff.layers[2].bias
+        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = blk.norm1.scale, blk.norm1.shift
+        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = blk.norm2.scale, blk.norm2.shift
+    missing, unexpected = hf.load_state_dict({k: v.detach().contiguous() for k, v in sd.items()}, strict=False)
+    assert [k for k in missing if k != "lm_head.weight"] == [] and unexpected == []
+
+
+SMALL_HF_CONFIGS = [
+    dict(model_config("tiny"), vocab_size=2000, qkv_bias=True),
+    dict(model_config("tiny"), vocab_size=1000, context_length=32, emb_dim=48, n_layers=3, n_heads=4, qkv_bias=True),
+]
+
+
+@pytest.mark.parametrize("cfg", SMALL_HF_CONFIGS)
+def test_param_count_equals_transformers_gpt2(cfg):
+    hf = hf_model_for(cfg)
+    assert n_params(GPTModel(cfg)) == n_params(hf) == formula(cfg)
+
+
+def test_logits_match_transformers_gpt2():
+    cfg = SMALL_HF_CONFIGS[1]
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # 让偏置与 LayerNorm 参数非平凡，否则对不上的地方可能被 0/1 掩盖
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf = hf_model_for(cfg)
+    copy_to_hf(model, hf)
+    idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()  # float32 容差 1e-4
+
+
+def test_layernorm_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32) * 5 + 3
+    ours = LayerNorm(32)
+    ref = nn.LayerNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.scale.copy_(torch.randn(32))
+        ours.shift.copy_(torch.randn(32))
+        ref.weight.copy_(ours.scale)
+        ref.bias.copy_(ours.shift)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)  # float32 容差 1e-5
+    y = LayerNorm(32)(x)
+    assert torch.allclose(y.mean(-1), torch.zeros(4, 7), atol=1e-5)
+    assert torch.allclose(y.var(-1, unbiased=False), torch.ones(4, 7), atol=1e-3)  # eps 使方差略小于 1
+
+
+def test_gelu_matches_torch_tanh_approximation():
+    x = torch.linspace(-8, 8, 2001)
+    assert torch.allclose(GELU()(x), nn.GELU(approximate="tanh")(x), atol=1e-6)  # float32 容差 1e-6
+    assert (GELU()(x) - nn.GELU()(x)).abs().max() < 1e-3  # 与精确 erf 版只差近似误差
+
+
+def test_block_and_feedforward_shapes():
+    cfg = model_config("tiny")
+    x = torch.randn(2, 5, cfg["emb_dim"])
+    assert FeedForward(cfg)(x).shape == x.shape
+    assert TransformerBlock(cfg)(x).shape == x.shape
+
+
+def test_init_stats():
+    torch.manual_seed(0)
+    cfg = model_config("cpu")
+    model = GPTModel(cfg)
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 1e-3
+    resid_std = 0.02 / math.sqrt(2 * cfg["n_layers"])
+    assert abs(model.trf_blocks[0].att.out_proj.weight.std().item() - resid_std) < 1e-3
+    assert abs(model.trf_blocks[0].ff.layers[2].weight.std().item() - resid_std) < 1e-3
+    assert abs(model.trf_blocks[0].ff.layers[0].weight.std().item() - 0.02) < 1e-3
+    assert torch.count_nonzero(model.trf_blocks[0].ff.layers[0].bias) == 0
+
+
+def test_initial_loss_near_log_vocab():
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=5000)
+    model = GPTModel(cfg).eval()
+    x = torch.randint(0, cfg["vocab_size"], (2, 32))
+    y = torch.randint(0, cfg["vocab_size"], (2, 32))
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert abs(loss.item() - math.log(cfg["vocab_size"])) < 0.1
+
+
+def test_forward_rejects_too_long_input():
+    cfg = model_config("tiny")
+    model = GPTModel(cfg)
+    with pytest.raises(ValueError, match="超过上下文长度"):
+        model(torch.zeros(1, cfg["context_length"] + 1, dtype=torch.long))
+
+
+def test_generate_is_deterministic_and_crops():
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=1000, context_length=16)
+    model = GPTModel(cfg).eval()
+    idx = torch.randint(0, cfg["vocab_size"], (2, 5))
+    a = generate_text_simple(model, idx, 8, cfg["context_length"])
+    b = generate_text_simple(model, idx, 8, cfg["context_length"])
+    assert a.shape == (2, 13) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
+    # 提示词比上下文长：只用最后 context_size 个 token，结果与手动截断后的提示词生成的新 token 相同
+    long = torch.randint(0, cfg["vocab_size"], (1, cfg["context_length"] + 10))
+    out = generate_text_simple(model, long, 3, cfg["context_length"])
+    assert out.shape == (1, cfg["context_length"] + 13)
+    cropped = generate_text_simple(model, long[:, -cfg["context_length"]:], 3, cfg["context_length"])
+    assert torch.equal(out[:, -3:], cropped[:, -3:])
+    # 第一个新 token 等于对最后 context_length 个 token 做一次前向的 argmax
+    with torch.no_grad():
+        first = model(long[:, -cfg["context_length"]:])[:, -1].argmax(-1)
+    assert out[0, long.shape[1]].item() == first.item()
+
+
+def test_unknown_config_name_raises():
+    with pytest.raises(ValueError, match="未知的模型配置"):
+        model_config("gpt2-huge")
+
+
+def test_config_is_a_copy_and_profiles():
+    cfg = model_config("tiny")
+    cfg["emb_dim"] = 1
+    assert model_config("tiny")["emb_dim"] == 64
+    assert config_for_profile("tiny") == model_config("tiny")
+    assert config_for_profile("cpu") == model_config("cpu")
+    assert config_for_profile("gpu") == model_config("gpt2-small (124M)")
