@@ -162,7 +162,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
       （配合 set_epoch 的 sampler，如 token_loader），seed 不为 None 时每步开始前用 seed+step 重设随机种子
       （dropout 等随机性也成为步数的函数），于是续训与不中断的训练逐步得到相同的损失；
     - checkpoint_path 与 checkpoint_every 给定时，每隔这么多步原子地保存一次模型与优化器；
-    - stop_step 给定时训练到这一步就停（模拟中断；学习率调度仍按 max_steps 计算）。
+    - stop_step 给定时训练到这一步就停（模拟中断；学习率调度仍按 max_steps 计算）；
+    - progress=False 时不显示进度条，也不打印评估结果与样例。
     """
     if grad_accum_steps < 1 or eval_every < 1 or max_steps < start_step:
         raise ValueError("需要 grad_accum_steps >= 1、eval_every >= 1 且 max_steps >= start_step")
@@ -178,6 +179,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
         train_loss, val_loss = evaluate(model, train_loader, val_loader, device, eval_batches, autocast_dtype)
         for key, value in zip(HISTORY_KEYS, (step, tokens_seen, train_loss, val_loss, lr)):
             history[key].append(value)
+        if not progress:
+            return
         bar.write(f"step {step:5d} | tokens {tokens_seen:9,d} | train {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e}")
         if sample_prompt is not None:
             bar.write("  样例: " + repr(_sample(model, sample_prompt, tokenizer, sample_tokens, device)))

@@ -1,0 +1,113 @@
+"""训练吞吐基准：本章的 shared.train.train_model 与朴素的 Hugging Face GPT2LMHeadModel 训练循环。
+
+两边完全相同的设置：cpu 档模型尺寸（4 层、192 维、4 头、上下文 128、词表 50257，QKV 带偏置、权重共享、无 dropout）、
+同一份随机初始权重（HF 模型从我们的模型复制）、同一批 Tiny Shakespeare 数据（8 × 128 token/步）、
+AdamW(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)、梯度裁剪 1.0、fp32。交替测量 --rounds 轮，各取中位数。
+输出一个 JSON 对象：ours_tok_s、hf_tok_s 以及设置。
+用法：python tests/benchmarks/bench_train.py [--steps 20] [--rounds 3]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from shared.download import TINY_SHAKESPEARE, read_text
+from shared.model import GPTModel, model_config
+from shared.tokenizer import get_gpt2_tokenizer
+from shared.train import configure_optimizer, token_loader, train_model
+
+
+def to_hf(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+    ))
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.final_norm.scale, "transformer.ln_f.bias": model.final_norm.shift}
+    for i, blk in enumerate(model.trf_blocks):
+        p, att = f"transformer.h.{i}.", blk.att
+        sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T
+        sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+        sd[p + "attn.c_proj.weight"] = att.out_proj.weight.T
+        sd[p + "attn.c_proj.bias"] = att.out_proj.bias
+        sd[p + "mlp.c_fc.weight"] = blk.ff.layers[0].weight.T
+        sd[p + "mlp.c_fc.bias"] = blk.ff.layers[0].bias
+        sd[p + "mlp.c_proj.weight"] = blk.ff.layers[2].weight.T
+        sd[p + "mlp.c_proj.bias"] = blk.ff.layers[2].bias
+        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = blk.norm1.scale, blk.norm1.shift
+        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = blk.norm2.scale, blk.norm2.shift
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    return hf
+
+
+def bench_ours(cfg, loader, steps):
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    opt = configure_optimizer(model, lr=1e-3)
+    # 评估只在开始与结束各一次，且不计入吞吐（train_model 只统计训练时间）
+    history = train_model(model, loader, loader, opt, "cpu", max_steps=steps, eval_every=10**9, eval_batches=1,
+                          grad_clip=1.0, progress=False)
+    return history["train_tokens_per_s"]
+
+
+def bench_hf(cfg, loader, steps):
+    torch.manual_seed(0)
+    model = to_hf(GPTModel(cfg)).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95))
+    batches = iter(loader)
+    tokens, seconds = 0, 0.0
+    for _ in range(steps):
+        x, y = next(batches)
+        start = time.perf_counter()
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        seconds += time.perf_counter() - start
+        tokens += x.numel()
+    return tokens / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    cfg = dict(model_config("cpu"), qkv_bias=True)
+    ids = torch.tensor(get_gpt2_tokenizer().encode(read_text(TINY_SHAKESPEARE)))
+    loader = token_loader(ids, args.batch_size, cfg["context_length"], stride=1, shuffle=True, seed=0)
+    bench_ours(cfg, loader, 2), bench_hf(cfg, loader, 2)  # 预热
+    ours, hf = [], []
+    for _ in range(args.rounds):  # 交替测量，减少机器负载波动的影响
+        ours.append(bench_ours(cfg, loader, args.steps))
+        hf.append(bench_hf(cfg, loader, args.steps))
+    import transformers
+
+    print(json.dumps({
+        "ours_tok_s": round(statistics.median(ours)), "hf_tok_s": round(statistics.median(hf)),
+        "ratio": round(statistics.median(ours) / statistics.median(hf), 3),
+        "ours_all": [round(v) for v in ours], "hf_all": [round(v) for v in hf],
+        "model": {k: cfg[k] for k in ("emb_dim", "n_layers", "n_heads", "context_length", "vocab_size")},
+        "batch": [args.batch_size, cfg["context_length"]], "steps_per_round": args.steps,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 1),
+        "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
