@@ -97,3 +97,11 @@ def test_checkpoint_holds_the_trained_parameters(runs):
     load_checkpoint(path, model)  # strict：键名不能带 DDP 的 "module." 前缀
     flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     assert hashlib.sha256(flat.numpy().tobytes()).hexdigest() == ddp["param_sha256"][0]
+
+
+def test_error_exits_nonzero_without_hanging(tmp_path):
+    # 每个 rank 的批次大于数据集：脚本在建好进程组之后报错，finally 中销毁进程组，torchrun 以非零码退出
+    proc, out = run_script(tmp_path, "too_big", nproc=2, batch_size=10**6)
+    assert proc.returncode != 0
+    assert "数据太少" in proc.stderr + proc.stdout
+    assert not out.exists()
