@@ -1,0 +1,201 @@
+"""文本分类微调：SMS 垃圾短信数据、均衡分层切分、右侧填充、取最后一个真实 token 分类、
+换分类头并冻结、准确率与训练循环，在 06_finetuning/01_classification 中讲解。
+"""
+import zipfile
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .download import SMS_SPAM_ZIP, download
+
+# ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+LABELS = ("ham", "spam")  # 类别 id 0 与 1 对应的名字
+
+
+def load_sms_spam():
+    """读取 SMS Spam Collection，返回 DataFrame（列 label 为 "ham"/"spam"，列 text 为短信原文）。"""
+    with zipfile.ZipFile(download(SMS_SPAM_ZIP)) as zf:
+        raw = zf.read("SMSSpamCollection").decode("utf-8")
+    rows = [line.split("\t", 1) for line in raw.splitlines() if line.strip()]
+    bad = [row for row in rows if len(row) != 2 or row[0] not in LABELS]
+    if bad:
+        raise ValueError(f"SMSSpamCollection 中有 {len(bad)} 行格式不对，例如 {bad[0]!r}")
+    return pd.DataFrame(rows, columns=["label", "text"])
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
+    """去重、把多数类下采样到与少数类同样多，再在每个类别内按 fractions 切分（分层）。
+
+    返回 {"train": df, "val": df, "test": df}，每份都已打乱且两类各占一半。
+    """
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions 应是三个加起来为 1 的比例，收到 {fractions}")
+    df = df.drop_duplicates("text")
+    if df["text"].duplicated().any():
+        raise ValueError("去重后仍有文本重复")
+    rng = np.random.default_rng(seed)
+    n = df["label"].value_counts().min()
+    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    parts = {"train": [], "val": [], "test": []}
+    for _, group in df.groupby("label"):
+        rows = group.iloc[rng.permutation(len(group))[:n]]
+        parts["train"].append(rows.iloc[:n_train])
+        parts["val"].append(rows.iloc[n_train:n_train + n_val])
+        parts["test"].append(rows.iloc[n_train + n_val:])
+    return {name: pd.concat(p).sample(frac=1, random_state=seed).reset_index(drop=True) for name, p in parts.items()}
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+PAD_ID = 50256  # <|endoftext|>，GPT-2 没有专门的填充 token，惯例借用它
+
+
+class SpamDataset(Dataset):
+    """把每条短信编码成 token id 列表（超过 max_length 时只保留前 max_length 个），标签 ham=0、spam=1。"""
+
+    def __init__(self, df, tokenizer, max_length):
+        self.encoded = [tokenizer.encode(text)[:max_length] for text in df["text"]]
+        self.labels = [LABELS.index(label) for label in df["label"]]
+        if any(len(ids) == 0 for ids in self.encoded):
+            raise ValueError("有短信编码后长度为 0，无法取它的最后一个 token")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.encoded[i], self.labels[i]
+
+
+def collate_classification(batch, pad_id=PAD_ID):
+    """[(ids, label), ...] -> input_ids (B, T)、lengths (B,)、labels (B,)；右侧用 pad_id 补齐到本批最长。"""
+    lengths = torch.tensor([len(ids) for ids, _ in batch])
+    input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+    labels = torch.tensor([label for _, label in batch])
+    return input_ids, lengths, labels
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+def last_token_logits(model, input_ids, lengths):
+    """模型输出 (B, T, C) 中，取每条序列最后一个真实 token（位置 lengths-1）的 logits，得到 (B, C)。"""
+    logits = model(input_ids)
+    rows = torch.arange(input_ids.shape[0], device=logits.device)
+    return logits[rows, lengths.to(logits.device) - 1]
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+def replace_head_and_freeze(model, num_classes=2, trainable_blocks=1):
+    """把输出头换成 num_classes 类的线性层，并冻结其余参数：只训练最后 trainable_blocks 个块、final_norm 与新输出头。
+
+    trainable_blocks=None 表示不冻结任何参数（全部微调）。
+    """
+    weight = model.tok_emb.weight
+    model.requires_grad_(trainable_blocks is None)
+    model.out_head = nn.Linear(model.cfg["emb_dim"], num_classes).to(weight.device, weight.dtype)
+    if trainable_blocks is not None:
+        n = len(model.trf_blocks)
+        if not 0 <= trainable_blocks <= n:
+            raise ValueError(f"trainable_blocks 应在 0 到 {n} 之间，收到 {trainable_blocks}")
+        for block in model.trf_blocks[n - trainable_blocks:]:
+            block.requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+    return model
+
+
+def count_parameters(model):
+    """(可训练参数量, 总参数量)。"""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+def calc_accuracy(logits, labels):
+    """logits (B, C) 与整数标签 (B,) -> argmax 预测正确的比例（Python float）。"""
+    if logits.shape[0] != labels.shape[0] or labels.numel() == 0:
+        raise ValueError(f"logits 与 labels 的样本数不符或为空：{tuple(logits.shape)} vs {tuple(labels.shape)}")
+    return (logits.argmax(dim=-1) == labels.to(logits.device)).float().mean().item()
+
+
+@torch.no_grad()
+def predict_loader(model, loader, device, max_batches=None):
+    """对 loader 中的（前 max_batches 个）批次做预测，返回 (logits (N, C), labels (N,))，都在 CPU 上。"""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for i, (input_ids, lengths, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        all_logits.append(last_token_logits(model, input_ids.to(device), lengths).float().cpu())
+        all_labels.append(labels)
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate_classifier(model, loader, device, max_batches=None):
+    """(平均交叉熵, 准确率)，按样本数加权。"""
+    logits, labels = predict_loader(model, loader, device, max_batches)
+    return F.cross_entropy(logits, labels).item(), calc_accuracy(logits, labels)
+
+
+def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs, eval_every=25, eval_batches=5,
+                     acc_batches=None):
+    """分类微调的训练循环。
+
+    每 eval_every 步记录最近这些步的平均训练损失与验证集前 eval_batches 个批次的损失；
+    每个 epoch 结束时记录训练集（前 acc_batches 个批次，None 为全部）与完整验证集的准确率。返回 history 字典。
+    """
+    history = {"step": [], "train_loss": [], "val_loss": [], "epoch_step": [], "train_acc": [], "val_acc": []}
+    step, recent = 0, []
+    for epoch in range(num_epochs):
+        model.train()
+        for input_ids, lengths, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False, mininterval=2):
+            logits = last_token_logits(model, input_ids.to(device), lengths)
+            loss = F.cross_entropy(logits, labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            recent.append(loss.item())
+            if step % eval_every == 0:
+                history["step"].append(step)
+                history["train_loss"].append(sum(recent) / len(recent))
+                history["val_loss"].append(evaluate_classifier(model, val_loader, device, eval_batches)[0])
+                recent = []
+        history["epoch_step"].append(step)
+        history["train_acc"].append(evaluate_classifier(model, train_loader, device, acc_batches)[1])
+        history["val_acc"].append(evaluate_classifier(model, val_loader, device)[1])
+        print(f"epoch {epoch + 1}: 训练准确率 {history['train_acc'][-1]:.1%}，验证准确率 {history['val_acc'][-1]:.1%}")
+    return history
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+def confusion_matrix(predictions, labels, num_classes=2):
+    """cm[i, j] = 真实类别为 i、预测为 j 的样本数。"""
+    cm = np.zeros((num_classes, num_classes), dtype=int)
+    for t, p in zip(labels.tolist(), predictions.tolist()):
+        cm[t, p] += 1
+    return cm
+
+
+# ---- 06_finetuning/01_classification.ipynb ----
+@torch.no_grad()
+def classify_text(text, model, tokenizer, device, max_length, labels=LABELS):
+    """返回 (预测的类别名, 该类别的概率)。超过 max_length 的文本只看前 max_length 个 token。"""
+    ids = tokenizer.encode(text)[:max_length]
+    if not ids:
+        raise ValueError("空文本无法分类")
+    was_training = model.training
+    model.eval()
+    logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)]))
+    model.train(was_training)
+    probs = torch.softmax(logits[0].float(), dim=-1)
+    k = int(probs.argmax())
+    return labels[k], probs[k].item()
