@@ -1,11 +1,14 @@
 """LoRA（低秩适配，low-rank adaptation）：低秩旁路、替换线性层、合并/拆分与只保存适配器，在 07_lora 中讲解。"""
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
+
 
 # ---- 07_lora/01_lora.ipynb ----
 class LoRALayer(nn.Module):
@@ -28,6 +31,7 @@ class LoRALayer(nn.Module):
         return (x @ self.A @ self.B) * self.scaling
 
 
+# ---- 07_lora/01_lora.ipynb ----
 class LinearWithLoRA(nn.Module):
     """冻结的 nn.Linear 加上一个 LoRA 旁路；merge() 把旁路并进权重，unmerge() 再拆出来。"""
 
@@ -55,6 +59,7 @@ class LinearWithLoRA(nn.Module):
             self.merged = False
 
 
+# ---- 07_lora/01_lora.ipynb ----
 ATTENTION_TARGETS = ("W_query", "W_key", "W_value", "out_proj")
 MLP_TARGETS = ("ff.layers.0", "ff.layers.2")
 
@@ -74,6 +79,7 @@ def replace_linear_with_lora(model, rank, alpha, target_modules=ATTENTION_TARGET
     return targets
 
 
+# ---- 07_lora/01_lora.ipynb ----
 def freeze_except_lora(model):
     """冻结全部参数，只让 LoRA 的 A、B 可训练；返回 (可训练参数量, 总参数量)。"""
     for name, p in model.named_parameters():
@@ -82,6 +88,7 @@ def freeze_except_lora(model):
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+# ---- 07_lora/01_lora.ipynb ----
 def set_merged(model, merged):
     """合并 (True) 或拆分 (False) 模型中所有的 LoRA 层。"""
     for module in model.modules():
@@ -89,14 +96,21 @@ def set_merged(model, merged):
             module.merge() if merged else module.unmerge()
 
 
+# ---- 07_lora/01_lora.ipynb ----
 def lora_state_dict(model):
     """只取出 LoRA 参数（A、B），这就是要保存/分发的“适配器”。"""
     return {name: p.detach().clone() for name, p in model.named_parameters() if ".lora." in f".{name}"}
 
 
 def save_adapter(model, path, metadata=None):
-    """把适配器保存为 safetensors 文件（通常只有几百 KB）。"""
-    save_file(lora_state_dict(model), str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    """把适配器原子地保存为 safetensors 文件（通常只有几百 KB）；metadata 的值会转成字符串存进文件头。"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(lora_state_dict(model), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_adapter(model, path):
