@@ -1,0 +1,207 @@
+"""偏好对齐 (preference alignment)：直接偏好优化 (Direct Preference Optimization, DPO) 的数据集与整理函数、
+回答部分的序列对数概率、冻结的参考模型、DPO 损失与隐式奖励指标，以及 DPO 训练循环，
+在 06_finetuning/bonus_dpo 中讲解。
+"""
+import copy
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .download import PREFERENCE_DATA, download
+from .instruct import IGNORE_INDEX, PAD_ID, collate_instruction, format_prompt
+from .train import cosine_lr
+
+# ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def load_preference_data():
+    """读取 instruction-data-with-preference.json：每条有 instruction、input、output、chosen 与 rejected。"""
+    data = json.loads(download(PREFERENCE_DATA).read_text(encoding="utf-8"))
+    for i, entry in enumerate(data):
+        if not {"instruction", "input", "chosen", "rejected"} <= set(entry):
+            raise ValueError(f"第 {i} 条缺少 instruction/input/chosen/rejected 字段：{entry}")
+    return data
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+class PreferenceDataset(Dataset):
+    """每条偏好样本编码为 (prompt_ids, chosen_ids, rejected_ids)，提示词用第 6 章的 format_prompt。
+
+    给出 max_length（模型的上下文长度）时，跳过“提示词 + 较长的回答”超过 max_length 个 token 的样本
+    （截断会切掉回答，偏好比较就不公平了）；跳过的条数记在 self.skipped。
+    """
+
+    def __init__(self, data, tokenizer, max_length=None):
+        self.items, self.skipped = [], 0
+        for entry in data:
+            prompt = tokenizer.encode(format_prompt(entry))
+            chosen, rejected = tokenizer.encode(entry["chosen"]), tokenizer.encode(entry["rejected"])
+            if max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > max_length:
+                self.skipped += 1
+                continue
+            self.items.append((prompt, chosen, rejected))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
+    """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets"}。
+
+    两边都由 collate_instruction(mask_prompt=True) 处理：目标右移一位，提示词与填充的目标为 IGNORE_INDEX，
+    只有回答 token 与回答后的第一个结束符留作目标。
+    """
+    out = {}
+    for name, k in (("chosen", 1), ("rejected", 2)):
+        seqs = [(item[0] + item[k], len(item[0])) for item in batch]
+        out[f"{name}_inputs"], out[f"{name}_targets"] = collate_instruction(
+            seqs, pad_id=pad_id, ignore_index=IGNORE_INDEX, allowed_max_length=allowed_max_length, mask_prompt=True)
+    return out
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
+    """每条序列回答部分的对数概率之和 sum_t log p(targets[t])，跳过 targets == ignore_index 的位置。
+
+    logits: (B, T, V)，targets: (B, T) -> (B,)。某一行没有任何回答 token 时报错。
+    """
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} 与 targets {tuple(targets.shape)} 的前两维不一致")
+    if not (targets != ignore_index).any(dim=1).all():
+        raise ValueError("有序列没有任何回答 token（全部被屏蔽或截断），无法计算回答的对数概率")
+    token_logprobs = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                      ignore_index=ignore_index, reduction="none")  # 被屏蔽的位置为 0
+    return token_logprobs.view(targets.shape).sum(dim=1)
+
+
+def sequence_logprobs(model, inputs, targets):
+    """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)。"""
+    return response_logprobs(model(inputs), targets)
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def frozen_copy(model):
+    """参考模型：model 的深拷贝（不共享任何参数），eval 模式，所有参数 requires_grad=False。"""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
+    """DPO 损失：-log σ(β[(log π_c - log π_ref,c) - (log π_r - log π_ref,r)]) 的批平均。
+
+    四个输入都是形状 (B,) 的回答对数概率。返回 (loss, chosen_rewards, rejected_rewards)，
+    隐式奖励 β·(log π - log π_ref) 已 detach，只用于观察。
+    """
+    if not beta > 0:
+        raise ValueError(f"beta 必须 > 0，收到 {beta!r}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def dpo_metrics(chosen_rewards, rejected_rewards):
+    """由隐式奖励得到指标：DPO 损失、平均奖励、奖励间隔、偏好准确率（间隔 > 0 的比例，平局算一半）。"""
+    margins = chosen_rewards - rejected_rewards
+    return {
+        "loss": -F.logsigmoid(margins).mean().item(),
+        "chosen_reward": chosen_rewards.mean().item(),
+        "rejected_reward": rejected_rewards.mean().item(),
+        "margin": margins.mean().item(),
+        "accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item(),
+    }
+
+
+# ---- 06_finetuning/bonus_dpo.ipynb ----
+def dpo_rewards(policy, reference, batch, device, beta):
+    """一个批次：返回 (loss, chosen_rewards, rejected_rewards)。参考模型的前向不记录梯度。"""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    policy_chosen = sequence_logprobs(policy, batch["chosen_inputs"], batch["chosen_targets"])
+    policy_rejected = sequence_logprobs(policy, batch["rejected_inputs"], batch["rejected_targets"])
+    with torch.no_grad():
+        ref_chosen = sequence_logprobs(reference, batch["chosen_inputs"], batch["chosen_targets"])
+        ref_rejected = sequence_logprobs(reference, batch["rejected_inputs"], batch["rejected_targets"])
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+@torch.no_grad()
+def evaluate_dpo(policy, reference, loader, device, beta, num_batches=None):
+    """在 eval 模式下用前 num_batches 个批次（None 为全部）计算 dpo_metrics，按样本平均。"""
+    was_training = policy.training
+    policy.eval()
+    chosen, rejected = [], []
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        _, c, r = dpo_rewards(policy, reference, batch, device, beta)
+        chosen.append(c)
+        rejected.append(r)
+    policy.train(was_training)
+    if not chosen:
+        raise ValueError("评估用的 loader 是空的")
+    return dpo_metrics(torch.cat(chosen), torch.cat(rejected))
+
+
+DPO_METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")
+
+
+def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *, beta, num_epochs, eval_every,
+              eval_batches=None, max_lr=None, warmup_steps=0, grad_clip=1.0, seed=None, progress=True):
+    """DPO 训练 num_epochs 个 epoch，返回 history：{"step": [...], "train_loss": [...], "val_margin": [...], ...}。
+
+    训练前、每 eval_every 步与最后一步之后，在训练集与验证集的前 eval_batches 个批次上评估 DPO_METRICS。
+    max_lr 给定时学习率按 cosine_lr 调度。参考模型只做无梯度的前向，训练前后保持不变。
+    """
+    if any(p.requires_grad for p in reference.parameters()):
+        raise ValueError("参考模型的参数必须全部冻结（用 frozen_copy 创建）")
+    device = torch.device(device)
+    max_steps = num_epochs * len(train_loader)
+    if max_steps == 0:
+        raise ValueError("train_loader 是空的：数据太少，或 batch_size 太大且 drop_last=True")
+    min_lr = 0.1 * max_lr if max_lr is not None else None
+    history = {"step": [], **{f"{split}_{k}": [] for split in ("train", "val") for k in DPO_METRICS}}
+
+    def log(step):
+        history["step"].append(step)
+        for split, loader in (("train", train_loader), ("val", val_loader)):
+            for k, v in evaluate_dpo(policy, reference, loader, device, beta, eval_batches).items():
+                history[f"{split}_{k}"].append(v)
+        if progress:
+            bar.write(f"step {step:4d} | loss train {history['train_loss'][-1]:.3f} val {history['val_loss'][-1]:.3f}"
+                      f" | margin val {history['val_margin'][-1]:+.3f} | acc val {history['val_accuracy'][-1]:.2f}")
+
+    bar = tqdm(total=max_steps, disable=not progress, mininterval=2.0, desc="dpo", unit="step")
+    log(0)
+    policy.train()
+    step = 0
+    for _ in range(num_epochs):
+        for batch in train_loader:
+            if seed is not None:
+                torch.manual_seed(seed + step)
+            if max_lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = dpo_rewards(policy, reference, batch, device, beta)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % eval_every == 0 or step == max_steps:
+                log(step)
+    bar.close()
+    policy.eval()
+    return history
