@@ -9,6 +9,7 @@ from .runtime import PROFILE
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
+
 # ---- 04_gpt_model/01_gpt_model.ipynb ----
 GPT_CONFIGS = {
     # GPT-2 官方四种尺寸（词表 50257，上下文 1024，QKV 带偏置）
@@ -40,6 +41,7 @@ def config_for_profile(profile=PROFILE):
     return model_config({"tiny": "tiny", "cpu": "cpu", "gpu": "gpt2-small (124M)"}[profile])
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 class LayerNorm(nn.Module):
     """对最后一维做均值 0、方差 1 的归一化，再乘可学习的 scale、加 shift。"""
 
@@ -55,6 +57,7 @@ class LayerNorm(nn.Module):
         return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 class GELU(nn.Module):
     """GELU 的 tanh 近似（GPT-2 使用的版本）。"""
 
@@ -62,6 +65,7 @@ class GELU(nn.Module):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 class FeedForward(nn.Module):
     """逐位置的两层 MLP：emb_dim -> 4*emb_dim -> emb_dim。"""
 
@@ -77,6 +81,7 @@ class FeedForward(nn.Module):
         return self.layers(x)
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 class TransformerBlock(nn.Module):
     """Pre-LN 结构：x + Attn(LN(x))，再 x + FF(LN(x))。"""
 
@@ -97,6 +102,7 @@ class TransformerBlock(nn.Module):
         return x
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 class GPTModel(nn.Module):
     """GPT-2 结构的解码器语言模型，输入 token id (b, T)，输出 logits (b, T, vocab_size)。"""
 
@@ -139,6 +145,7 @@ class GPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
+# ---- 04_gpt_model/01_gpt_model.ipynb ----
 def generate_text_simple(model, idx, max_new_tokens, context_size):
     """贪心解码：每步取概率最大的 token。输入超过 context_size 时只保留最后 context_size 个 token。"""
     for _ in range(max_new_tokens):
