@@ -95,7 +95,7 @@ unicode_text = st.text(alphabet=st.one_of(st.characters(exclude_categories=("Cs"
                        max_size=60)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(unicode_text)
 def test_random_unicode_round_trip_and_matches_tiktoken(ours, reference, text):
     ids = ours.encode_ordinary(text)
