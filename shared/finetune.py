@@ -53,7 +53,7 @@ def load_base_model(profile=PROFILE, device="cpu", allow_fallback=True):
 
 
 # ---- 06_finetuning/01_classification.ipynb ----
-FALLBACK_STEPS = {"tiny": 30, "cpu": 200, "gpu": 1000}  # 兜底预训练的步数
+FALLBACK_STEPS = {"tiny": 30, "cpu": 60, "gpu": 1000}  # 兜底预训练的步数（cpu 档在 2 核上约几分钟）
 
 
 def pretrain_fallback(profile=PROFILE, device="cpu", seed=123):
