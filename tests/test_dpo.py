@@ -185,14 +185,14 @@ def test_reference_model_stays_frozen_and_policy_learns():
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     loader = _toy_preference_loader()
     optimizer = configure_optimizer(policy, lr=1e-2, weight_decay=0.0)
-    history = train_dpo(policy, reference, loader, loader, optimizer, "cpu", beta=0.5, num_epochs=5, eval_every=5,
+    history = train_dpo(policy, reference, loader, loader, optimizer, "cpu", beta=0.5, num_epochs=3, eval_every=12,
                         seed=0, progress=False)
     # 参考模型：逐位相同，仍然冻结
     assert all(torch.equal(snapshot[k], v) for k, v in reference.state_dict().items())
     assert not any(p.requires_grad or p.grad is not None for p in reference.parameters())
     # 策略：参数变了，第 0 步 log 2 / 0 / 0.5，训练后训练集损失下降、间隔为正
     assert any(not torch.equal(start[k], v) for k, v in policy.state_dict().items())
-    assert history["step"][0] == 0 and history["step"][-1] == 20
+    assert history["step"] == [0, 12]
     assert history["train_loss"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert history["train_margin"][0] == 0.0 and history["train_accuracy"][0] == 0.5
     assert history["train_loss"][-1] < math.log(2) and history["train_margin"][-1] > 0
