@@ -30,8 +30,6 @@ def load_sms_spam():
         raise ValueError(f"SMSSpamCollection 中有 {len(bad)} 行格式不对，例如 {bad[0]!r}")
     return pd.DataFrame(rows, columns=["label", "text"])
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
     """去重、把多数类下采样到与少数类同样多，再在每个类别内按 fractions 切分（分层）。
 
@@ -53,8 +51,6 @@ def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
         parts["test"].append(rows.iloc[n_train + n_val:])
     return {name: pd.concat(p).sample(frac=1, random_state=seed).reset_index(drop=True) for name, p in parts.items()}
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 PAD_ID = 50256  # <|endoftext|>，GPT-2 没有专门的填充 token，惯例借用它
 
 
@@ -83,16 +79,12 @@ def collate_classification(batch, pad_id=PAD_ID):
     labels = torch.tensor([label for _, label in batch])
     return input_ids, lengths, labels
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 def last_token_logits(model, input_ids, lengths):
     """模型输出 (B, T, C) 中，取每条序列最后一个真实 token（位置 lengths-1）的 logits，得到 (B, C)。"""
     logits = model(input_ids)
     rows = torch.arange(input_ids.shape[0], device=logits.device)
     return logits[rows, lengths.to(logits.device) - 1]
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 def replace_head_and_freeze(model, num_classes=2, trainable_blocks=1):
     """把输出头换成 num_classes 类的线性层，并冻结其余参数：只训练最后 trainable_blocks 个块、final_norm 与新输出头。
 
@@ -115,8 +107,6 @@ def count_parameters(model):
     """(可训练参数量, 总参数量)。"""
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 def calc_accuracy(logits, labels):
     """logits (B, C) 与整数标签 (B,) -> argmax 预测正确的比例（Python float）。"""
     if logits.shape[0] != labels.shape[0] or labels.numel() == 0:
@@ -175,8 +165,6 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
         print(f"epoch {epoch + 1}: 训练准确率 {history['train_acc'][-1]:.1%}，验证准确率 {history['val_acc'][-1]:.1%}")
     return history
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 def confusion_matrix(predictions, labels, num_classes=2):
     """cm[i, j] = 真实类别为 i、预测为 j 的样本数。"""
     cm = np.zeros((num_classes, num_classes), dtype=int)
@@ -184,8 +172,6 @@ def confusion_matrix(predictions, labels, num_classes=2):
         cm[t, p] += 1
     return cm
 
-
-# ---- 06_finetuning/01_classification.ipynb ----
 @torch.no_grad()
 def classify_text(text, model, tokenizer, device, max_length, labels=LABELS):
     """返回 (预测的类别名, 该类别的概率)。超过 max_length 的文本只看前 max_length 个 token。"""

@@ -26,8 +26,6 @@ def load_preference_data():
             raise ValueError(f"第 {i} 条缺少 instruction/input/chosen/rejected 字段：{entry}")
     return data
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 class PreferenceDataset(Dataset):
     """每条偏好样本编码为 (prompt_ids, chosen_ids, rejected_ids)，提示词用第 6 章的 format_prompt。
 
@@ -51,8 +49,6 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
     """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets"}。
 
@@ -66,8 +62,6 @@ def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
             seqs, pad_id=pad_id, ignore_index=IGNORE_INDEX, allowed_max_length=allowed_max_length, mask_prompt=True)
     return out
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     """每条序列回答部分的对数概率之和 sum_t log p(targets[t])，跳过 targets == ignore_index 的位置。
 
@@ -86,16 +80,12 @@ def sequence_logprobs(model, inputs, targets):
     """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)。"""
     return response_logprobs(model(inputs), targets)
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 def frozen_copy(model):
     """参考模型：model 的深拷贝（不共享任何参数），eval 模式，所有参数 requires_grad=False。"""
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     """DPO 损失：-log σ(β[(log π_c - log π_ref,c) - (log π_r - log π_ref,r)]) 的批平均。
 
@@ -121,8 +111,6 @@ def dpo_metrics(chosen_rewards, rejected_rewards):
         "accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item(),
     }
 
-
-# ---- 06_finetuning/bonus_dpo.ipynb ----
 def dpo_rewards(policy, reference, batch, device, beta):
     """一个批次：返回 (loss, chosen_rewards, rejected_rewards)。参考模型的前向不记录梯度。"""
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -48,8 +48,11 @@ def render(module_text, blocks):
     if not found:
         raise ValueError("模块缺少生成标记行")
     parts = [head.rstrip("\n") + "\n\n" + GENERATED_MARKER + "\n"]
+    previous = None
     for rel, body in blocks:
-        parts.append(f"\n# ---- {rel} ----\n{body}\n")
+        source = f"\n# ---- {rel} ----\n" if rel != previous else ""  # 同一笔记本的连续单元格只标一次来源
+        parts.append(f"{source}{body}\n")
+        previous = rel
     return "\n".join(parts)
 
 

@@ -30,8 +30,6 @@ def load_instruction_data():
             raise ValueError(f"第 {i} 条缺少 instruction/input/output 字段：{entry}")
     return data
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 PAD_ID = 50256  # <|endoftext|>：既是回答结束的标记，也用来填充
 RESPONSE_HEADER = "\n\n### Response:\n"
 
@@ -57,8 +55,6 @@ def split_instruction_data(data, fractions=(0.85, 0.05, 0.10), seed=123):
     pick = lambda idx: [data[i] for i in idx]
     return pick(order[:n_train]), pick(order[n_train:n_train + n_val]), pick(order[n_train + n_val:])
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 class InstructionDataset(Dataset):
     """每条样本编码为 (token_ids, prompt_len)：token_ids = 提示词 + 回答，前 prompt_len 个属于提示词。"""
 
@@ -75,8 +71,6 @@ class InstructionDataset(Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 IGNORE_INDEX = -100  # F.cross_entropy 的默认 ignore_index
 
 
@@ -100,8 +94,6 @@ def collate_instruction(batch, pad_id=PAD_ID, ignore_index=IGNORE_INDEX, allowed
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
     return inputs, targets
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 def extract_response(full_text, prompt):
     """从“提示词 + 生成内容”的解码文本中取出回答：去掉提示词前缀、开头多余的 "### Response:" 标题与首尾空白。"""
     if not full_text.startswith(prompt):
@@ -124,8 +116,6 @@ def generate_response(model, entry, tokenizer, device, max_new_tokens, context_s
         new_tokens = new_tokens[:new_tokens.index(eos_id)]
     return {"response": extract_response(prompt + tokenizer.decode(new_tokens), prompt), "ended": ended}
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 def instruct_checkpoint_path(profile):
     """指令微调模型的检查点路径：checkpoint_dir()/ch06_instruct_<profile>.safetensors。"""
     return checkpoint_dir() / f"ch06_instruct_{profile}.safetensors"
@@ -147,8 +137,6 @@ def load_instruct_model(profile, device="cpu"):
     load_checkpoint(path, model)
     return model.to(device).eval(), model.cfg
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 PROMPT_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")
 
 
@@ -201,8 +189,6 @@ def rouge_l(prediction, reference):
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
 
-
-# ---- 06_finetuning/02_instruction.ipynb ----
 OLLAMA_URL = "http://localhost:11434"
 
 

@@ -53,8 +53,6 @@ class KVCache:
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-
-# ---- 04_gpt_model/bonus_kv_cache.ipynb ----
 def attention_cached(att, x, cache, layer):
     """用 MultiHeadAttention 模块 att 的权重处理新 token x (b, T, d)：Q 只算新 token，K、V 来自缓存。"""
     b, T, _ = x.shape
@@ -87,8 +85,6 @@ def forward_cached(model, idx, cache, last_only=False):
         x = x[:, -1:]
     return model.out_head(model.final_norm(x))
 
-
-# ---- 04_gpt_model/bonus_kv_cache.ipynb ----
 def greedy(logits):
     """默认的取词规则：logits (b, vocab) -> 概率最大的 token (b, 1)。"""
     return logits.argmax(dim=-1, keepdim=True)
