@@ -51,6 +51,7 @@ def str_to_token(s, where=""):
     except KeyError as e:
         raise ValueError(f"{where}字符 {e.args[0]!r} 不在 GPT-2 的字节表里，文件是否已损坏？") from None
 
+
 # Unicode 的 White_Space 属性（Rust regex 与 tiktoken 的 \s）；注意它不含 \x1c-\x1f
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
@@ -86,6 +87,7 @@ def split_text(text):
     """GPT-2 的预分词：把文本切成块，BPE 只在块内合并。"""
     return GPT2_SPLIT_RE.findall(text)
 
+
 def get_pair_counts(ids, counts=None):
     """统计 ids 中相邻对的出现次数（重叠的也算），可累加到已有的 counts 里。"""
     counts = {} if counts is None else counts
@@ -105,6 +107,7 @@ def merge(ids, pair, new_id):
             out.append(ids[i])
             i += 1
     return out
+
 
 def check_vocab_size(vocab_size):
     if not isinstance(vocab_size, int) or vocab_size < 256:
@@ -138,6 +141,7 @@ def train_simple(text, vocab_size):
         merges.append(pair)
         vocab.append(vocab[pair[0]] + vocab[pair[1]])
     return merges
+
 
 def merge_in_place(ids, pair, new_id, deltas):
     """把 ids 中的 pair 从左到右原地换成 new_id，并把相邻对次数的变化（每处一次）记入 deltas。"""
@@ -202,6 +206,7 @@ def train_fast(text, vocab_size):
             else:
                 del pair_counts[p]
     return merges
+
 
 class BPETokenizer:
     """GPT-2 式字节级 BPE 分词器。

@@ -30,6 +30,7 @@ def load_sms_spam():
         raise ValueError(f"SMSSpamCollection 中有 {len(bad)} 行格式不对，例如 {bad[0]!r}")
     return pd.DataFrame(rows, columns=["label", "text"])
 
+
 def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
     """去重、把多数类下采样到与少数类同样多，再在每个类别内按 fractions 切分（分层）。
 
@@ -50,6 +51,7 @@ def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
         parts["val"].append(rows.iloc[n_train:n_train + n_val])
         parts["test"].append(rows.iloc[n_train + n_val:])
     return {name: pd.concat(p).sample(frac=1, random_state=seed).reset_index(drop=True) for name, p in parts.items()}
+
 
 PAD_ID = 50256  # <|endoftext|>，GPT-2 没有专门的填充 token，惯例借用它
 
@@ -79,11 +81,13 @@ def collate_classification(batch, pad_id=PAD_ID):
     labels = torch.tensor([label for _, label in batch])
     return input_ids, lengths, labels
 
+
 def last_token_logits(model, input_ids, lengths):
     """模型输出 (B, T, C) 中，取每条序列最后一个真实 token（位置 lengths-1）的 logits，得到 (B, C)。"""
     logits = model(input_ids)
     rows = torch.arange(input_ids.shape[0], device=logits.device)
     return logits[rows, lengths.to(logits.device) - 1]
+
 
 def replace_head_and_freeze(model, num_classes=2, trainable_blocks=1):
     """把输出头换成 num_classes 类的线性层，并冻结其余参数：只训练最后 trainable_blocks 个块、final_norm 与新输出头。
@@ -106,6 +110,7 @@ def replace_head_and_freeze(model, num_classes=2, trainable_blocks=1):
 def count_parameters(model):
     """(可训练参数量, 总参数量)。"""
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
 
 def calc_accuracy(logits, labels):
     """logits (B, C) 与整数标签 (B,) -> argmax 预测正确的比例（Python float）。"""
@@ -165,12 +170,14 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
         print(f"epoch {epoch + 1}: 训练准确率 {history['train_acc'][-1]:.1%}，验证准确率 {history['val_acc'][-1]:.1%}")
     return history
 
+
 def confusion_matrix(predictions, labels, num_classes=2):
     """cm[i, j] = 真实类别为 i、预测为 j 的样本数。"""
     cm = np.zeros((num_classes, num_classes), dtype=int)
     for t, p in zip(labels.tolist(), predictions.tolist()):
         cm[t, p] += 1
     return cm
+
 
 @torch.no_grad()
 def classify_text(text, model, tokenizer, device, max_length, labels=LABELS):

@@ -44,6 +44,7 @@ class GPTDataset(Dataset):
     def __getitem__(self, idx):
         return self.input_ids[idx], self.target_ids[idx]
 
+
 def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True,
                       num_workers=0, tokenizer=None, seed=None):
     """把文本变成 (输入, 目标) 批次的 DataLoader；``tokenizer`` 默认用 GPT-2，给定 ``seed`` 时打乱顺序可复现。"""

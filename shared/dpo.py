@@ -26,6 +26,7 @@ def load_preference_data():
             raise ValueError(f"第 {i} 条缺少 instruction/input/chosen/rejected 字段：{entry}")
     return data
 
+
 class PreferenceDataset(Dataset):
     """每条偏好样本编码为 (prompt_ids, chosen_ids, rejected_ids)，提示词用第 6 章的 format_prompt。
 
@@ -49,6 +50,7 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
+
 def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
     """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets"}。
 
@@ -61,6 +63,7 @@ def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
         out[f"{name}_inputs"], out[f"{name}_targets"] = collate_instruction(
             seqs, pad_id=pad_id, ignore_index=IGNORE_INDEX, allowed_max_length=allowed_max_length, mask_prompt=True)
     return out
+
 
 def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     """每条序列回答部分的对数概率之和 sum_t log p(targets[t])，跳过 targets == ignore_index 的位置。
@@ -80,11 +83,13 @@ def sequence_logprobs(model, inputs, targets):
     """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)。"""
     return response_logprobs(model(inputs), targets)
 
+
 def frozen_copy(model):
     """参考模型：model 的深拷贝（不共享任何参数），eval 模式，所有参数 requires_grad=False。"""
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
+
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     """DPO 损失：-log σ(β[(log π_c - log π_ref,c) - (log π_r - log π_ref,r)]) 的批平均。
@@ -110,6 +115,7 @@ def dpo_metrics(chosen_rewards, rejected_rewards):
         "margin": margins.mean().item(),
         "accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item(),
     }
+
 
 def dpo_rewards(policy, reference, batch, device, beta):
     """一个批次：返回 (loss, chosen_rewards, rejected_rewards)。参考模型的前向不记录梯度。"""

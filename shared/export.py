@@ -50,8 +50,8 @@ def render(module_text, blocks):
     parts = [head.rstrip("\n") + "\n\n" + GENERATED_MARKER + "\n"]
     previous = None
     for rel, body in blocks:
-        source = f"\n# ---- {rel} ----\n" if rel != previous else ""  # 同一笔记本的连续单元格只标一次来源
-        parts.append(f"{source}{body}\n")
+        source = f"# ---- {rel} ----\n" if rel != previous else ""  # 同一笔记本的连续单元格只标一次来源
+        parts.append(f"\n{source}{body}\n")
         previous = rel
     return "\n".join(parts)
 

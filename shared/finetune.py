@@ -51,6 +51,7 @@ def load_base_model(profile=PROFILE, device="cpu", allow_fallback=True):
     load_checkpoint(path, model)
     return model.to(device).eval(), model.cfg, "fallback"
 
+
 FALLBACK_STEPS = {"tiny": 30, "cpu": 60, "gpu": 1000}  # 兜底预训练的步数（cpu 档在 2 核上约几分钟）
 
 

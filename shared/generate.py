@@ -25,6 +25,7 @@ def token_ids_to_text(ids, tokenizer):
         ids = ids[0]
     return tokenizer.decode(ids.tolist())
 
+
 def apply_repetition_penalty(logits, idx, penalty):
     """CTRL 式重复惩罚：在 idx 中出现过的 token，正 logit 除以 penalty、负 logit 乘以 penalty。
 
@@ -107,6 +108,7 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
             break
     model.train(was_training)
     return idx
+
 
 @torch.no_grad()
 def beam_search(model, idx, max_new_tokens, context_size, num_beams, length_penalty=1.0, eos_id=None,

@@ -66,6 +66,7 @@ def fetch_gpt2(name="gpt2", local_dir=None, allow_download=False):
     paths = [download(hf_url(repo, f), timeout=60) for f in GPT2_FILES]
     return paths[0].parent
 
+
 def gpt2_config_from_hf(hf_config):
     """把 Hugging Face 的 GPT-2 config.json（字典）换成本课程 GPTModel 的配置；遇到不支持的设置直接报错。"""
     unsupported = {

@@ -30,6 +30,7 @@ def load_instruction_data():
             raise ValueError(f"第 {i} 条缺少 instruction/input/output 字段：{entry}")
     return data
 
+
 PAD_ID = 50256  # <|endoftext|>：既是回答结束的标记，也用来填充
 RESPONSE_HEADER = "\n\n### Response:\n"
 
@@ -55,6 +56,7 @@ def split_instruction_data(data, fractions=(0.85, 0.05, 0.10), seed=123):
     pick = lambda idx: [data[i] for i in idx]
     return pick(order[:n_train]), pick(order[n_train:n_train + n_val]), pick(order[n_train + n_val:])
 
+
 class InstructionDataset(Dataset):
     """每条样本编码为 (token_ids, prompt_len)：token_ids = 提示词 + 回答，前 prompt_len 个属于提示词。"""
 
@@ -70,6 +72,7 @@ class InstructionDataset(Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
+
 
 IGNORE_INDEX = -100  # F.cross_entropy 的默认 ignore_index
 
@@ -94,6 +97,7 @@ def collate_instruction(batch, pad_id=PAD_ID, ignore_index=IGNORE_INDEX, allowed
         inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
     return inputs, targets
 
+
 def extract_response(full_text, prompt):
     """从“提示词 + 生成内容”的解码文本中取出回答：去掉提示词前缀、开头多余的 "### Response:" 标题与首尾空白。"""
     if not full_text.startswith(prompt):
@@ -116,6 +120,7 @@ def generate_response(model, entry, tokenizer, device, max_new_tokens, context_s
         new_tokens = new_tokens[:new_tokens.index(eos_id)]
     return {"response": extract_response(prompt + tokenizer.decode(new_tokens), prompt), "ended": ended}
 
+
 def instruct_checkpoint_path(profile):
     """指令微调模型的检查点路径：checkpoint_dir()/ch06_instruct_<profile>.safetensors。"""
     return checkpoint_dir() / f"ch06_instruct_{profile}.safetensors"
@@ -136,6 +141,7 @@ def load_instruct_model(profile, device="cpu"):
     model = GPTModel(read_checkpoint_metadata(path)["config"])
     load_checkpoint(path, model)
     return model.to(device).eval(), model.cfg
+
 
 PROMPT_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")
 
@@ -188,6 +194,7 @@ def rouge_l(prediction, reference):
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
 
 OLLAMA_URL = "http://localhost:11434"
 

@@ -53,6 +53,7 @@ class KVCache:
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+
 def attention_cached(att, x, cache, layer):
     """用 MultiHeadAttention 模块 att 的权重处理新 token x (b, T, d)：Q 只算新 token，K、V 来自缓存。"""
     b, T, _ = x.shape
@@ -84,6 +85,7 @@ def forward_cached(model, idx, cache, last_only=False):
     if last_only:
         x = x[:, -1:]
     return model.out_head(model.final_norm(x))
+
 
 def greedy(logits):
     """默认的取词规则：logits (b, vocab) -> 概率最大的 token (b, 1)。"""

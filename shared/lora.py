@@ -30,6 +30,7 @@ class LoRALayer(nn.Module):
     def forward(self, x):
         return (x @ self.A @ self.B) * self.scaling
 
+
 class LinearWithLoRA(nn.Module):
     """冻结的 nn.Linear 加上一个 LoRA 旁路；merge() 把旁路并进权重，unmerge() 再拆出来。"""
 
@@ -56,6 +57,7 @@ class LinearWithLoRA(nn.Module):
             self.linear.weight -= self.lora.delta_weight()
             self.merged = False
 
+
 ATTENTION_TARGETS = ("W_query", "W_key", "W_value", "out_proj")
 MLP_TARGETS = ("ff.layers.0", "ff.layers.2")
 
@@ -74,6 +76,7 @@ def replace_linear_with_lora(model, rank, alpha, target_modules=ATTENTION_TARGET
         setattr(parent, child_name, LinearWithLoRA(getattr(parent, child_name), rank, alpha))
     return targets
 
+
 def freeze_except_lora(model):
     """冻结全部参数，只让 LoRA 的 A、B 可训练；返回 (可训练参数量, 总参数量)。"""
     for name, p in model.named_parameters():
@@ -81,11 +84,13 @@ def freeze_except_lora(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
+
 def set_merged(model, merged):
     """合并 (True) 或拆分 (False) 模型中所有的 LoRA 层。"""
     for module in model.modules():
         if isinstance(module, LinearWithLoRA):
             module.merge() if merged else module.unmerge()
+
 
 def lora_state_dict(model):
     """只取出 LoRA 参数（A、B），这就是要保存/分发的“适配器”。"""

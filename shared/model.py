@@ -40,6 +40,7 @@ def config_for_profile(profile=PROFILE):
     """配置档对应的模型：tiny -> "tiny"，cpu -> "cpu"，gpu -> GPT-2 124M。"""
     return model_config({"tiny": "tiny", "cpu": "cpu", "gpu": "gpt2-small (124M)"}[profile])
 
+
 class LayerNorm(nn.Module):
     """对最后一维做均值 0、方差 1 的归一化，再乘可学习的 scale、加 shift。"""
 
@@ -54,11 +55,13 @@ class LayerNorm(nn.Module):
         var = x.var(dim=-1, keepdim=True, unbiased=False)
         return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
 
+
 class GELU(nn.Module):
     """GELU 的 tanh 近似（GPT-2 使用的版本）。"""
 
     def forward(self, x):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
 
 class FeedForward(nn.Module):
     """逐位置的两层 MLP：emb_dim -> 4*emb_dim -> emb_dim。"""
@@ -73,6 +76,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
+
 
 class TransformerBlock(nn.Module):
     """Pre-LN 结构：x + Attn(LN(x))，再 x + FF(LN(x))。"""
@@ -92,6 +96,7 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_shortcut(self.att(self.norm1(x)))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
+
 
 class GPTModel(nn.Module):
     """GPT-2 结构的解码器语言模型，输入 token id (b, T)，输出 logits (b, T, vocab_size)。"""
@@ -133,6 +138,7 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
         return self.out_head(self.final_norm(x))
+
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):
     """贪心解码：每步取概率最大的 token。输入超过 context_size 时只保留最后 context_size 个 token。"""

@@ -39,6 +39,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
         total += calc_loss_batch(input_batch, target_batch, model, device).item()
     return total / n
 
+
 class TokenWindows(Dataset):
     """把一长串 token id 切成 (输入, 目标) 窗口：目标是输入右移一位。第 i 个窗口从 i*stride 开始。"""
 
@@ -83,6 +84,7 @@ def token_loader(token_ids, batch_size, max_length, stride, shuffle=True, drop_l
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
+
 def configure_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), fused=None):
     """AdamW：只对 >=2 维的参数（矩阵、嵌入）做权重衰减，偏置与 LayerNorm 参数不衰减。
 
@@ -111,6 +113,7 @@ def cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps):
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
 
 HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss", "lr")
 
@@ -234,6 +237,7 @@ def _sample(model, prompt, tokenizer, max_new_tokens, device):
     model.train()
     return tokenizer.decode(idx[0, -max_new_tokens:].tolist())
 
+
 def _unique_state_dict(model):
     """state_dict 去掉共享权重的重复项（权重共享时 out_head.weight 与 tok_emb.weight 是同一块内存）。"""
     seen, state = set(), {}
@@ -312,6 +316,7 @@ def load_checkpoint(path, model, optimizer=None, strict=True):
             raise ValueError(f"优化器状态（step {opt_state['step']}）与权重（step {info['step']}）不是同一次保存的")
         optimizer.load_state_dict(opt_state["optimizer"])
     return info
+
 
 def ch05_checkpoint_path(profile=PROFILE):
     """第 5 章在该配置档下训练出的基础模型的路径（第 6、7 章在没有 GPT-2 权重时从它开始）。"""
