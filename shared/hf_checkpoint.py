@@ -46,6 +46,7 @@ def find_hf_checkpoint(repo, local_dir=None):
     candidates.append(cache_dir() / relative)
     return next((c for c in candidates if is_hf_checkpoint(c)), None)
 
+
 def _assign(model, name, tensor):
     """把 tensor 直接设为模型里名为 name 的参数或缓冲区（不复制；相当于 assign=True）。"""
     module_name, _, leaf = name.rpartition(".")

@@ -28,6 +28,7 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * x.to(input_dtype)
 
+
 class FeedForward(nn.Module):
     """SwiGLU 前馈网络：fc3(silu(fc1(x)) * fc2(x))，没有偏置；fc1 = gate，fc2 = up，fc3 = down。
 
@@ -44,6 +45,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+
 
 def llama3_scale_frequencies(inv_freq, freq_config):
     """Llama 3 的 RoPE 频率缩放 (rope_type "llama3")：高频不变，低频除以 factor，中间平滑过渡。"""
@@ -85,6 +87,7 @@ def apply_rope(x, cos, sin, offset=0):
     x1, x2 = x[..., :head_dim // 2], x[..., head_dim // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
+
 
 class GroupedQueryAttention(nn.Module):
     """分组查询注意力：num_heads 个查询头，每 num_heads // num_kv_groups 个共享一组 K、V；因果；q、k 经过 RoPE。
@@ -134,6 +137,7 @@ class GroupedQueryAttention(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(context.transpose(1, 2).reshape(b, T, self.d_out))
 
+
 class TransformerBlock(nn.Module):
     """Llama 的 Transformer 块：x + Attn(RMSNorm(x))，再 x + FF(RMSNorm(x))；ff 默认是 SwiGLU FeedForward。"""
 
@@ -169,7 +173,14 @@ class Llama3Model(nn.Module):
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=dtype)
         if cfg.get("tie_embeddings", False):
             self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)  # 在 meta 设备上构建时，这一步不做任何计算
         self.init_buffers()
+
+    @staticmethod
+    def _init_weights(module):
+        """与 HF Llama 相同的初始化：线性层与嵌入 ~ N(0, 0.02²)，RMSNorm 的 weight 为 1。"""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def make_feed_forward(self, cfg, layer_idx):
         """第 layer_idx 层的前馈网络；子类（如 Qwen3-MoE）可以重写。"""
@@ -212,6 +223,7 @@ class Llama3Model(nn.Module):
             x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
+
 LLAMA32_CONFIGS = {
     # 取自 meta-llama/Llama-3.2-1B 与 Llama-3.2-3B 的 config.json
     "1B": dict(vocab_size=128_256, context_length=131_072, emb_dim=2048, n_heads=32, n_kv_groups=8, n_layers=16,
@@ -223,6 +235,7 @@ LLAMA32_CONFIGS = {
                tie_embeddings=True, dtype=torch.bfloat16,
                rope_freq=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192)),
 }
+
 
 @torch.inference_mode()
 def generate_cached(model, idx, max_new_tokens, eos_id=None, sample=greedy, cache=None):
@@ -254,6 +267,7 @@ def generate_cached(model, idx, max_new_tokens, eos_id=None, sample=greedy, cach
         if i + 1 < T + max_new_tokens:
             logits = model(next_token, cache=cache, last_only=True)
     return out
+
 
 LLAMA_LAYER_NAMES = {  # HF 的 model.layers.{i}.<名字> -> 我们的 trf_blocks.{i}.<名字>
     "input_layernorm.weight": "norm1.weight",
