@@ -34,6 +34,7 @@ QWEN3_CONFIGS = {  # 取自 Qwen/Qwen3-<尺寸> 的 config.json
 }
 QWEN3_REPOS = {name: f"Qwen/Qwen3-{name}" for name in QWEN3_CONFIGS}  # 预设名 -> Hugging Face 仓库名
 
+
 class MoEFeedForward(nn.Module):
     """Qwen3-MoE 的前馈层：路由器 gate 为每个 token 选 top-k 个专家（SwiGLU），输出按路由权重加权求和。
 
@@ -111,6 +112,7 @@ def expert_load(model, batches):
     model.train(was_training)
     return total
 
+
 def parameter_counts(model):
     """{"total", "embedding", "active"}：共享的张量只算一次；embedding 含不共享时的输出层；
     active 是每个 token 实际用到的参数（MoE 层只算 top-k 个专家）。"""
@@ -121,6 +123,19 @@ def parameter_counts(model):
     idle = sum((m.num_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
                for m in moe_layers(model))
     return dict(total=total, embedding=embedding, active=total - idle)
+
+
+def preset_parameter_counts(cfg):
+    """不建整个模型也能得到 parameter_counts：在 meta 设备上只建 1 层与 2 层的模型，差值就是一层的参数量。
+
+    只在各层结构相同时成立（Qwen3 的所有预设都是如此）；否则退回到建整个模型。
+    """
+    with torch.device("meta"):
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            return parameter_counts(Qwen3Model(cfg))
+        one, two = (parameter_counts(Qwen3Model(dict(cfg, n_layers=n))) for n in (1, 2))
+    return {key: one[key] + (cfg["n_layers"] - 1) * (two[key] - one[key]) for key in one}
+
 
 def qwen3_config_from_hf(hf_config):
     """把 Hugging Face 的 Qwen3 / Qwen3-MoE config.json（字典）换成 Qwen3Model 的配置；不支持的设置直接报错。"""

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 from shared.hf_checkpoint import load_hf_weights  # noqa: E402
 from shared.llama import generate_cached  # noqa: E402
 from shared.qwen3 import (QWEN3_CONFIGS, MoEFeedForward, Qwen3Model, expert_load, hf_to_qwen3_name,  # noqa: E402
-                          load_balancing_loss, load_qwen3, parameter_counts, qwen3_config_from_hf)
+                          load_balancing_loss, load_qwen3, parameter_counts, preset_parameter_counts,
+                          qwen3_config_from_hf)
 
 ATOL = 1e-5  # float32，同一计算的不同实现
 VOCAB = 96
@@ -139,8 +140,8 @@ def _hf_config_for(cfg):
 def test_preset_parameter_counts_match_transformers(name):
     cfg = QWEN3_CONFIGS[name]
     hf = _hf_config_for(cfg)
-    with torch.device("meta"):
-        ours = parameter_counts(Qwen3Model(cfg))
+    ours = preset_parameter_counts(cfg)  # 1 层与 2 层的模型外推（见下一个测试）
+    with torch.device("meta"):  # transformers 的完整模型
         ref = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf).parameters())
     assert ours["total"] == ref
     assert {k: v for k, v in qwen3_config_from_hf(hf.to_dict()).items() if k != "dtype"} == \
@@ -150,6 +151,18 @@ def test_preset_parameter_counts_match_transformers(name):
         assert ours["total"] - ours["active"] == 48 * (128 - 8) * 3 * 2048 * 768
     elif "num_experts" not in cfg:
         assert ours["active"] == ours["total"]
+
+
+@pytest.mark.parametrize("name", ["0.6B", "8B", "30B-A3B"])
+def test_layer_extrapolation_equals_full_model(name):
+    cfg = dict(QWEN3_CONFIGS[name], n_layers=5)
+    with torch.device("meta"):
+        full = parameter_counts(Qwen3Model(cfg))
+    assert preset_parameter_counts(cfg) == full
+    sparse = dict(cfg, mlp_only_layers=[0]) if "num_experts" in cfg else None
+    if sparse:  # 有稠密层时各层不同，退回到建整个模型
+        with torch.device("meta"):
+            assert preset_parameter_counts(sparse) == parameter_counts(Qwen3Model(sparse))
 
 
 def test_moe_block_and_aux_loss_match_transformers():
