@@ -39,16 +39,21 @@ def _hf_cache_snapshots(repo):
     return snapshots + sorted((root / "snapshots").glob("*"))
 
 
-def find_gpt2_dir(name="gpt2", local_dir=None):
-    """在本地找含 config.json 与 model.safetensors 的目录：local_dir、HF 缓存、LLM_MIRROR 镜像、下载缓存。找不到返回 None。"""
-    repo = GPT2_REPOS.get(name, name)
+def find_hf_dir(repo, is_complete, local_dir=None):
+    """按顺序在 local_dir、HF 缓存、LLM_MIRROR 镜像、下载缓存中找 Hugging Face 仓库 repo 的文件目录，
+    返回第一个 is_complete(目录) 为真的目录；找不到返回 None。"""
     candidates = [Path(local_dir).expanduser()] if local_dir else []
     candidates += _hf_cache_snapshots(repo) + _hf_cache_snapshots(repo.split("/")[-1])
-    relative = url_to_relpath(hf_url(repo, GPT2_FILES[0])).parent
+    relative = url_to_relpath(hf_url(repo, "config.json")).parent
     if mirror_dir() is not None:
         candidates.append(mirror_dir() / relative)
     candidates.append(cache_dir() / relative)
-    return next((c for c in candidates if _has_files(c)), None)
+    return next((c for c in candidates if is_complete(c)), None)
+
+
+def find_gpt2_dir(name="gpt2", local_dir=None):
+    """在本地找含 config.json 与 model.safetensors 的 GPT-2 目录（查找顺序见 find_hf_dir）。找不到返回 None。"""
+    return find_hf_dir(GPT2_REPOS.get(name, name), _has_files, local_dir)
 
 
 def fetch_gpt2(name="gpt2", local_dir=None, allow_download=False):

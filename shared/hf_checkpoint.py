@@ -2,12 +2,10 @@
 import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .download import cache_dir, mirror_dir, url_to_relpath
-from .gpt2_weights import _hf_cache_snapshots, hf_url
+from .gpt2_weights import find_hf_dir
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -37,14 +35,8 @@ def is_hf_checkpoint(folder):
 
 
 def find_hf_checkpoint(repo, local_dir=None):
-    """在本地找 Hugging Face 仓库 repo 的检查点目录：local_dir、HF 缓存、LLM_MIRROR 镜像、下载缓存。找不到返回 None。"""
-    candidates = [Path(local_dir).expanduser()] if local_dir else []
-    candidates += _hf_cache_snapshots(repo)
-    relative = url_to_relpath(hf_url(repo, "config.json")).parent
-    if mirror_dir() is not None:
-        candidates.append(mirror_dir() / relative)
-    candidates.append(cache_dir() / relative)
-    return next((c for c in candidates if is_hf_checkpoint(c)), None)
+    """在本地找 Hugging Face 仓库 repo 的检查点目录（查找顺序同第 5 章的 find_hf_dir）。找不到返回 None。"""
+    return find_hf_dir(repo, is_hf_checkpoint, local_dir)
 
 
 def _assign(model, name, tensor):

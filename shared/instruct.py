@@ -10,7 +10,6 @@ import urllib.request
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .download import INSTRUCTION_DATA, download
 from .generate import generate

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hf_checkpoint import find_hf_checkpoint, load_hf_weights
+from .hf_checkpoint import load_hf_weights
 from .kv_cache import KVCache, greedy
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
@@ -330,15 +330,17 @@ def llama_config_from_hf(hf_config):
     )
 
 
-def load_llama(folder, dtype=torch.float32, device="cpu"):
+def load_llama(folder, dtype=torch.float32, device="cpu", model_cls=Llama3Model, config_from_hf=llama_config_from_hf,
+               rename=hf_to_llama_name):
     """读取 HF 格式的 Llama 检查点目录（config.json + safetensors），返回 (eval 模式的 Llama3Model, cfg)。
 
     模型先在 meta 设备上构建，再由 load_hf_weights 逐个张量读入，峰值内存约为一份模型。
+    结构相同、只是配置与张量名不同的模型（如 Qwen3）换掉 model_cls、config_from_hf、rename 即可复用。
     """
     folder = Path(folder)
-    cfg = llama_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     cfg["dtype"] = dtype
     with torch.device("meta"):
-        model = Llama3Model(cfg)
-    load_hf_weights(model, folder, hf_to_llama_name, dtype=dtype, device=device)
+        model = model_cls(cfg)
+    load_hf_weights(model, folder, rename, dtype=dtype, device=device)
     return model.eval(), cfg

@@ -1,13 +1,11 @@
 """Qwen3：在 Llama 3 结构上加 QK 归一化与混合专家 (MoE) 前馈层；官方尺寸的预设配置与 Hugging Face 检查点读取，在 05_pretraining/bonus_qwen3 中讲解。"""
-import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .hf_checkpoint import find_hf_checkpoint, load_hf_weights
-from .llama import FeedForward, Llama3Model, hf_to_llama_name, llama_config_from_hf
+from .hf_checkpoint import find_hf_checkpoint
+from .llama import FeedForward, Llama3Model, hf_to_llama_name, llama_config_from_hf, load_llama
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -184,11 +182,8 @@ def find_qwen3(name="0.6B", local_dir=None):
 
 
 def load_qwen3(folder, dtype=torch.float32, device="cpu"):
-    """读取 HF 格式的 Qwen3 / Qwen3-MoE 检查点目录（单文件或分片），返回 (eval 模式的 Qwen3Model, cfg)。"""
-    folder = Path(folder)
-    cfg = qwen3_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    cfg["dtype"] = dtype
-    with torch.device("meta"):
-        model = Qwen3Model(cfg)
-    load_hf_weights(model, folder, hf_to_qwen3_name, dtype=dtype, device=device)
-    return model.eval(), cfg
+    """读取 HF 格式的 Qwen3 / Qwen3-MoE 检查点目录（单文件或分片），返回 (eval 模式的 Qwen3Model, cfg)。
+
+    流程与 load_llama 完全相同（meta 设备 + 逐个张量读入），只换模型类、配置转换与张量名。
+    """
+    return load_llama(folder, dtype, device, Qwen3Model, qwen3_config_from_hf, hf_to_qwen3_name)
