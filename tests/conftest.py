@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI 与开发机上，数据镜像都在仓库旁边的 ../shared/data/mirror
@@ -14,3 +15,17 @@ def isolated_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("LLM_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture
+def edited_checkpoint(tmp_path):
+    """返回 edit(src, change)：把单文件 HF 检查点 src 复制到新目录，张量字典先经 change(state) 修改；返回新目录。"""
+    def edit(src, change):
+        dst = tmp_path / "edited_checkpoint"
+        dst.mkdir()
+        state = load_file(src / "model.safetensors")
+        change(state)
+        save_file(state, dst / "model.safetensors")
+        (dst / "config.json").write_text((src / "config.json").read_text())
+        return dst
+    return edit

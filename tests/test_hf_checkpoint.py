@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,16 +29,6 @@ def folders(tmp_path_factory):
     model.save_pretrained(root / "single")
     model.save_pretrained(root / "sharded", max_shard_size="10KB")
     return root / "single", root / "sharded"
-
-
-def copy_with_state(src, dst, edit):
-    """把 src 的 config.json 与编辑过的 model.safetensors 写到 dst。"""
-    dst.mkdir()
-    (dst / "config.json").write_text((src / "config.json").read_text())
-    state = load_file(src / "model.safetensors")
-    edit(state)
-    save_file(state, dst / "model.safetensors")
-    return dst
 
 
 def test_index_single_and_sharded(folders):
@@ -78,29 +67,28 @@ def test_dtype_conversion(folders):
         assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.bfloat16
 
 
-def test_missing_tensor_names_it(folders, tmp_path):
-    folder = copy_with_state(folders[0], tmp_path / "ckpt", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+def test_missing_tensor_names_it(folders, edited_checkpoint):
+    folder = edited_checkpoint(folders[0], lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"缺少.*trf_blocks\.1\.ff\.fc2\.weight"):
         load_llama(folder)
 
 
-def test_misshaped_tensor_names_it_with_both_shapes(folders, tmp_path):
+def test_misshaped_tensor_names_it_with_both_shapes(folders, edited_checkpoint):
     name = "model.layers.0.self_attn.k_proj.weight"
-    folder = copy_with_state(folders[0], tmp_path / "ckpt", lambda s: s.update({name: torch.zeros(24, 32)}))
+    folder = edited_checkpoint(folders[0], lambda s: s.update({name: torch.zeros(24, 32)}))
     with pytest.raises(ValueError, match=r"k_proj\.weight.*W_key\.weight.*\(24, 32\).*\(16, 32\)"):
         load_llama(folder)
 
 
-def test_unexpected_tensor_names_it(folders, tmp_path):
-    folder = copy_with_state(folders[0], tmp_path / "ckpt",
-                             lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
+def test_unexpected_tensor_names_it(folders, edited_checkpoint):
+    folder = edited_checkpoint(folders[0], lambda s: s.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
     with pytest.raises(ValueError, match=r"q_proj\.bias"):
         load_llama(folder)
 
 
-def test_tied_checkpoint_with_redundant_lm_head(folders, tmp_path):
+def test_tied_checkpoint_with_redundant_lm_head(folders, edited_checkpoint):
     # 有些共享权重的检查点仍然存了 lm_head.weight：它被忽略，out_head 指向 tok_emb
-    folder = copy_with_state(folders[0], tmp_path / "ckpt", lambda s: None)
+    folder = edited_checkpoint(folders[0], lambda s: None)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
     model, cfg = load_llama(folder)

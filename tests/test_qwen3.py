@@ -1,13 +1,10 @@
 """Qwen3（稠密与 MoE）：与 transformers 的小型随机 Qwen3ForCausalLM / Qwen3MoeForCausalLM 逐项对照。"""
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from shared.hf_checkpoint import load_hf_weights  # noqa: E402
 from shared.llama import generate_cached  # noqa: E402
 from shared.qwen3 import (QWEN3_CONFIGS, MoEFeedForward, Qwen3Model, expert_load, hf_to_qwen3_name,  # noqa: E402
                           load_balancing_loss, load_qwen3, parameter_counts, preset_parameter_counts,
@@ -83,26 +80,18 @@ def moe_single(tmp_path_factory):
     return folder
 
 
-def _rewrite(src, dst, change):
-    state = load_file(src / "model.safetensors")
-    change(state)
-    dst.mkdir(exist_ok=True)
-    save_file(state, dst / "model.safetensors")
-    (dst / "config.json").write_text((src / "config.json").read_text())
-
-
-def test_missing_tensor_names_it(moe_single, tmp_path):
-    _rewrite(moe_single, tmp_path, lambda s: s.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+def test_missing_tensor_names_it(moe_single, edited_checkpoint):
+    folder = edited_checkpoint(moe_single, lambda s: s.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
     with pytest.raises(ValueError, match=r"trf_blocks\.1\.ff\.experts\.3\.fc2\.weight"):
-        load_qwen3(tmp_path)
+        load_qwen3(folder)
 
 
-def test_misshaped_tensor_names_it(moe_single, tmp_path):
+def test_misshaped_tensor_names_it(moe_single, edited_checkpoint):
     def change(state):
         state["model.layers.0.mlp.gate.weight"] = torch.zeros(7, 32)
-    _rewrite(moe_single, tmp_path, change)
+    folder = edited_checkpoint(moe_single, change)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate\.weight.*\(7, 32\).*\(6, 32\)"):
-        load_qwen3(tmp_path)
+        load_qwen3(folder)
 
 
 def test_fused_expert_format_is_rejected_clearly():

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shared.model import GPTModel, model_config
 from shared.train import (EpochShuffleSampler, calc_loss_batch, calc_loss_loader, ch05_checkpoint_path,
