@@ -12,7 +12,6 @@ CPU 上用 ``gloo`` 后端，CUDA 上用 ``nccl``（每个进程一块 GPU）。
 ``--out`` 指定的 JSON（损失、学习率、吞吐量、各 rank 的参数指纹与一致性检查）。
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -25,18 +24,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from shared.checkpoint import save_checkpoint
+from shared.data import TokenWindows
 from shared.download import TINY_SHAKESPEARE, read_text
 from shared.model import GPTModel, config_for_profile
-from shared.runtime import PROFILE, checkpoint_dir, set_seed
+from shared.runtime import atomic_write, checkpoint_dir, get_profile, set_seed
 from shared.tokenizer import get_gpt2_tokenizer
-from shared.train import TokenWindows, calc_loss_batch, configure_optimizer, cosine_lr, save_checkpoint
+from shared.train import autocast, calc_loss_batch, configure_optimizer, cosine_schedule, endless_batches, train_loop
 
 DEFAULT_STEPS = {"tiny": 5, "cpu": 30, "gpu": 200}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDP 训练课程的 GPT（Tiny Shakespeare）")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS[PROFILE], help="优化器更新的步数")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS[get_profile()], help="优化器更新的步数")
     p.add_argument("--batch-size", type=int, default=4, help="每个 rank、每个微批次的样本数")
     p.add_argument("--grad-accum", type=int, default=1, help="梯度累积的微批次数")
     p.add_argument("--seed", type=int, default=123)
@@ -82,41 +83,6 @@ def global_mean(value, world_size):
     return value.item()
 
 
-def infinite_batches(loader, sampler):
-    """无限循环地产出批次；每轮开始前 set_epoch，让各 rank 用同一个新的随机顺序。"""
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def train_step(model, optimizer, batches, grad_accum, device, world_size):
-    """一次参数更新：grad_accum 个微批次，只有最后一个微批次的反向传播做梯度 all-reduce。"""
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = next(batches)
-        sync = micro == grad_accum - 1
-        # no_sync()：梯度只累加在本地，省掉前 grad_accum-1 次通信；前向也必须在上下文里
-        ctx = model.no_sync() if (world_size > 1 and not sync) else contextlib.nullcontext()
-        with ctx:
-            with autocast(device):
-                loss = calc_loss_batch(x, y, model, device) / grad_accum
-            loss.backward()
-        loss_sum += loss.detach()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return global_mean(loss_sum, world_size)  # 全局平均损失：与单进程大批次的损失可直接比较
-
-
-def autocast(device):
-    """GPU 上用 bf16 自动混合精度；CPU 上保持 float32（便于逐位比较单进程与多进程）。"""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def flat_params(model):
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
@@ -145,12 +111,13 @@ def step_indices(sampler, batch_size, grad_accum, steps):
 
 
 def train(args, rank, world_size, device):
+    profile = get_profile()
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)  # 各 rank 同一种子；DDP 构造时还会把 rank 0 的参数广播给所有 rank
 
-    cfg = dict(config_for_profile(PROFILE), drop_rate=0.0)  # dropout=0：单进程与多进程才能逐步对比
+    cfg = dict(config_for_profile(profile), drop_rate=0.0)  # dropout=0：单进程与多进程才能逐步对比
     token_ids = get_gpt2_tokenizer().encode(read_text(TINY_SHAKESPEARE))
     dataset = TokenWindows(token_ids, cfg["context_length"], stride=cfg["context_length"])  # 第 5 章的数据集
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
@@ -174,24 +141,27 @@ def train(args, rank, world_size, device):
         f"= 全局批次 {args.batch_size * args.grad_accum * world_size} 个样本 ({tokens_per_step} tokens)/步")
 
     indices = step_indices(sampler, args.batch_size, args.grad_accum, args.steps)
-    batches = infinite_batches(loader, sampler)
-    warmup = max(1, args.steps // 10)
-    losses, lrs = [], []
-    start = None
-    for step in range(args.steps):
-        if step == 1:  # 第 0 步含内存分配等一次性开销，不计入吞吐量
+    losses, lrs, timer = [], [], {}
+
+    def on_step(done, loss, lr):
+        """第 5 章 train_loop 每步之后调用：记录全局平均损失；第 0 步含内存分配等一次性开销，吞吐量从第 1 步之后算起。"""
+        losses.append(global_mean(torch.tensor(loss, device=device), world_size))
+        lrs.append(lr)
+        log(f"step {done - 1:3d} | lr {lr:.2e} | loss {losses[-1]:.4f}", flush=True)
+        if done == 1:
             if world_size > 1:
                 dist.barrier()
-            start = time.perf_counter()
-        lr = cosine_lr(step, args.lr, args.lr / 10, warmup, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = train_step(model, optimizer, batches, args.grad_accum, device, world_size)
-        losses.append(loss)
-        lrs.append(lr)
-        log(f"step {step:3d} | lr {lr:.2e} | loss {loss:.4f}", flush=True)
+            timer["start"] = time.perf_counter()
+
+    # GPU 上用 bf16 自动混合精度；CPU 上保持 float32（便于逐位比较单进程与多进程）
+    amp = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
+    # 优化步与第 5 章完全相同（梯度累积时 DDP 只在最后一个微批次同步梯度，见 train_step），只换了数据与记录
+    train_loop(model, optimizer, endless_batches(loader), lambda batch: calc_loss_batch(*batch, model, device),
+               range(args.steps), lr_at=cosine_schedule(args.lr, max(1, args.steps // 10), args.steps),
+               grad_accum_steps=args.grad_accum, grad_clip=1.0, amp=amp, on_step=on_step, progress=False)
     if world_size > 1:
         dist.barrier()
+    start = timer.get("start")
     elapsed = time.perf_counter() - start if start is not None else float("nan")
     tokens_per_s = tokens_per_step * (args.steps - 1) / elapsed if start is not None else float("nan")
     log(f"吞吐量 {tokens_per_s:,.0f} tokens/s（全部进程合计，不含第 0 步）")
@@ -210,11 +180,11 @@ def train(args, rank, world_size, device):
     if rank == 0:
         ckpt = None
         if not args.no_checkpoint:
-            ckpt = args.checkpoint or checkpoint_dir() / f"ddp_gpt_{PROFILE}.safetensors"
+            ckpt = args.checkpoint or checkpoint_dir() / f"ddp_gpt_{profile}.safetensors"
             save_checkpoint(ckpt, raw_model, optimizer, step=args.steps,
                             extra={"world_size": world_size, "global_batch": world_size * args.batch_size * args.grad_accum})
         result = dict(
-            world_size=world_size, backend=dist.get_backend() if world_size > 1 else None, profile=PROFILE,
+            world_size=world_size, backend=dist.get_backend() if world_size > 1 else None, profile=profile,
             per_rank_batch=args.batch_size, grad_accum=args.grad_accum,
             global_batch=world_size * args.batch_size * args.grad_accum, context_length=cfg["context_length"],
             steps=args.steps, threads_per_proc=torch.get_num_threads(), num_params=flat_params(raw_model).numel(),
@@ -223,10 +193,7 @@ def train(args, rank, world_size, device):
             sample_indices=all_indices, checkpoint=ckpt.name if ckpt else None,
         )
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.out)
+            atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))
     if world_size > 1:
         dist.barrier()  # 其他 rank 等 rank 0 写完再一起退出
 

@@ -32,6 +32,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x):
         b, num_tokens, _ = x.shape
+        if num_tokens > self.mask.shape[0]:
+            raise ValueError(f"输入长度 {num_tokens} 超过 context_length={self.mask.shape[0]}（掩码只有这么大）")
         # (b, T, d_out) -> (b, num_heads, T, head_dim)
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)

@@ -8,15 +8,14 @@
 """
 import heapq
 import json
-import os
 import re
 import sys
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from .download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, download
+from .runtime import atomic_write
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -318,8 +317,8 @@ class BPETokenizer:
                                      for a, b in self.merges]
         encoder = {token_to_str(t): i for i, t in enumerate(self.vocab)} | self.special_tokens
         paths = directory / "vocab.bpe", directory / "encoder.json"
-        _atomic_write(paths[0], "\n".join(lines) + "\n")
-        _atomic_write(paths[1], json.dumps(encoder, ensure_ascii=False))
+        atomic_write(paths[0], lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+        atomic_write(paths[1], lambda tmp: tmp.write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8"))
         return paths
 
     @classmethod
@@ -362,17 +361,6 @@ class BPETokenizer:
         ordinary = set(vocab_strings)
         special = {s: i for s, i in encoder.items() if s not in ordinary}
         return cls(merges, byte_order, special)
-
-
-def _atomic_write(path, text):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_gpt2_bpe():

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .download import SMS_SPAM_ZIP, download
+from .runtime import eval_mode
+from .tokenizer import EOT_ID
+from .train import endless_batches, train_loop
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -53,9 +55,6 @@ def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
     return {name: pd.concat(p).sample(frac=1, random_state=seed).reset_index(drop=True) for name, p in parts.items()}
 
 
-PAD_ID = 50256  # <|endoftext|>，GPT-2 没有专门的填充 token，惯例借用它
-
-
 class SpamDataset(Dataset):
     """把每条短信编码成 token id 列表（超过 max_length 时只保留前 max_length 个），标签 ham=0、spam=1。"""
 
@@ -72,7 +71,7 @@ class SpamDataset(Dataset):
         return self.encoded[i], self.labels[i]
 
 
-def collate_classification(batch, pad_id=PAD_ID):
+def collate_classification(batch, pad_id=EOT_ID):
     """[(ids, label), ...] -> input_ids (B, T)、lengths (B,)、labels (B,)；右侧用 pad_id 补齐到本批最长。"""
     lengths = torch.tensor([len(ids) for ids, _ in batch])
     input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
@@ -121,16 +120,14 @@ def calc_accuracy(logits, labels):
 
 @torch.no_grad()
 def predict_loader(model, loader, device, max_batches=None):
-    """对 loader 中的（前 max_batches 个）批次做预测，返回 (logits (N, C), labels (N,))，都在 CPU 上。"""
-    was_training = model.training
-    model.eval()
+    """在 eval 模式下对 loader 中的（前 max_batches 个）批次做预测，返回 (logits (N, C), labels (N,))，都在 CPU 上。"""
     all_logits, all_labels = [], []
-    for i, (input_ids, lengths, labels) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        all_logits.append(last_token_logits(model, input_ids.to(device), lengths).float().cpu())
-        all_labels.append(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for i, (input_ids, lengths, labels) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            all_logits.append(last_token_logits(model, input_ids.to(device), lengths).float().cpu())
+            all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -141,33 +138,36 @@ def evaluate_classifier(model, loader, device, max_batches=None):
 
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs, eval_every=25, eval_batches=5,
-                     acc_batches=None):
-    """分类微调的训练循环。
+                     acc_batches=None, progress=True):
+    """分类微调：用第 5 章的 train_loop 训练 num_epochs 个 epoch，只换损失函数与每步之后的记录。
 
     每 eval_every 步记录最近这些步的平均训练损失与验证集前 eval_batches 个批次的损失；
     每个 epoch 结束时记录训练集（前 acc_batches 个批次，None 为全部）与完整验证集的准确率。返回 history 字典。
     """
     history = {"step": [], "train_loss": [], "val_loss": [], "epoch_step": [], "train_acc": [], "val_acc": []}
-    step, recent = 0, []
-    for epoch in range(num_epochs):
-        model.train()
-        for input_ids, lengths, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False, mininterval=2):
-            logits = last_token_logits(model, input_ids.to(device), lengths)
-            loss = F.cross_entropy(logits, labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            recent.append(loss.item())
-            if step % eval_every == 0:
-                history["step"].append(step)
-                history["train_loss"].append(sum(recent) / len(recent))
-                history["val_loss"].append(evaluate_classifier(model, val_loader, device, eval_batches)[0])
-                recent = []
-        history["epoch_step"].append(step)
-        history["train_acc"].append(evaluate_classifier(model, train_loader, device, acc_batches)[1])
-        history["val_acc"].append(evaluate_classifier(model, val_loader, device)[1])
-        print(f"epoch {epoch + 1}: 训练准确率 {history['train_acc'][-1]:.1%}，验证准确率 {history['val_acc'][-1]:.1%}")
+    steps_per_epoch, recent = len(train_loader), []
+
+    def loss_fn(batch):
+        input_ids, lengths, labels = batch
+        return F.cross_entropy(last_token_logits(model, input_ids.to(device), lengths), labels.to(device))
+
+    def on_step(step, loss, lr):
+        recent.append(loss)
+        if step % eval_every == 0:
+            history["step"].append(step)
+            history["train_loss"].append(sum(recent) / len(recent))
+            history["val_loss"].append(evaluate_classifier(model, val_loader, device, eval_batches)[0])
+            recent.clear()
+        if step % steps_per_epoch == 0:
+            history["epoch_step"].append(step)
+            history["train_acc"].append(evaluate_classifier(model, train_loader, device, acc_batches)[1])
+            history["val_acc"].append(evaluate_classifier(model, val_loader, device)[1])
+            if progress:
+                print(f"epoch {step // steps_per_epoch}: 训练准确率 {history['train_acc'][-1]:.1%}，"
+                      f"验证准确率 {history['val_acc'][-1]:.1%}")
+
+    train_loop(model, optimizer, endless_batches(train_loader), loss_fn, range(num_epochs * steps_per_epoch),
+               on_step=on_step, progress=progress, desc="finetune")
     return history
 
 
@@ -185,10 +185,8 @@ def classify_text(text, model, tokenizer, device, max_length, labels=LABELS):
     ids = tokenizer.encode(text)[:max_length]
     if not ids:
         raise ValueError("空文本无法分类")
-    was_training = model.training
-    model.eval()
-    logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)]))
-    model.train(was_training)
+    with eval_mode(model):
+        logits = last_token_logits(model, torch.tensor([ids], device=device), torch.tensor([len(ids)]))
     probs = torch.softmax(logits[0].float(), dim=-1)
     k = int(probs.argmax())
     return labels[k], probs[k].item()

@@ -1,4 +1,4 @@
-"""文本数据：滑动窗口数据集 ``GPTDataset`` 与 ``create_dataloader``，在 02_data_engineering 中讲解。
+"""文本数据：按需切窗口的滑动窗口数据集 ``TokenWindows`` 与 ``create_dataloader``，在 02_data_engineering 中讲解。
 
 把整段文本编码成词元 (token) id，再按上下文长度 ``max_length`` 与步幅 ``stride`` 切成
 （输入, 目标）对，目标就是输入整体右移一位，供下一个词元预测 (next-token prediction) 训练使用。
@@ -20,36 +20,40 @@ def encode_text(tokenizer, txt):
     return list(tokenizer.encode(txt))
 
 
-class GPTDataset(Dataset):
-    """滑动窗口数据集：第 k 个样本的输入是 ``ids[k*stride : k*stride+max_length]``，目标右移一位。"""
+class TokenWindows(Dataset):
+    """滑动窗口数据集：第 k 个样本的输入是 ``ids[k*stride : k*stride+max_length]``，目标右移一位。
 
-    def __init__(self, txt, tokenizer, max_length, stride):
+    只保存一份 token id，窗口在取用时才切出来（切片是视图，不复制），所以 stride=1 也不多占内存。
+    """
+
+    def __init__(self, token_ids, max_length, stride):
         if max_length < 1 or stride < 1:
             raise ValueError(f"max_length 与 stride 必须是正整数，收到 max_length={max_length}, stride={stride}")
-        token_ids = encode_text(tokenizer, txt)
-        if len(token_ids) < max_length + 1:
+        self.ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if self.ids.dim() != 1 or len(self.ids) < max_length + 1:
             raise ValueError(
-                f"文本只有 {len(token_ids)} 个词元，至少需要 max_length + 1 = {max_length + 1} 个才能切出一个"
-                f"（输入, 目标）窗口；请换更长的文本或减小 max_length"
+                f"需要一维的 token id 序列，且至少 max_length + 1 = {max_length + 1} 个才能切出一个（输入, 目标）窗口；"
+                f"收到形状 {tuple(self.ids.shape)}。请换更长的文本或减小 max_length"
             )
-        self.input_ids, self.target_ids = [], []
-        # 起点 i 满足 i + max_length <= len - 1，保证目标的最后一个词元存在
-        for i in range(0, len(token_ids) - max_length, stride):
-            self.input_ids.append(torch.tensor(token_ids[i:i + max_length]))
-            self.target_ids.append(torch.tensor(token_ids[i + 1:i + max_length + 1]))
+        self.max_length, self.stride = max_length, stride
+        # 起点 i = k*stride 满足 i + max_length <= N - 1，保证目标的最后一个词元存在
+        self.n = (len(self.ids) - max_length - 1) // stride + 1
 
     def __len__(self):
-        return len(self.input_ids)
+        return self.n
 
-    def __getitem__(self, idx):
-        return self.input_ids[idx], self.target_ids[idx]
+    def __getitem__(self, k):
+        if not 0 <= k < self.n:
+            raise IndexError(f"窗口下标 {k} 超出范围 [0, {self.n})")
+        chunk = self.ids[k * self.stride:k * self.stride + self.max_length + 1]
+        return chunk[:-1], chunk[1:]
 
 
 def create_dataloader(txt, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True,
                       num_workers=0, tokenizer=None, seed=None):
     """把文本变成 (输入, 目标) 批次的 DataLoader；``tokenizer`` 默认用 GPT-2，给定 ``seed`` 时打乱顺序可复现。"""
     tokenizer = get_gpt2_tokenizer() if tokenizer is None else tokenizer
-    dataset = GPTDataset(txt, tokenizer, max_length, stride)
+    dataset = TokenWindows(encode_text(tokenizer, txt), max_length, stride)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
             f"只有 {len(dataset)} 个窗口，不够一个 batch_size={batch_size} 的批次，drop_last=True 会得到空的加载器；"

@@ -9,7 +9,6 @@
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,9 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-MIRROR_ENV = "LLM_MIRROR"
-CACHE_ENV = "LLM_CACHE_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .runtime import DOWNLOAD_CACHE_ENV, MIRROR_ENV, REPO_ROOT, atomic_write
 
 # 课程用到的数据集：URL -> (sha256, 字节数)。上游文件若更新，校验会失败并给出提示。
 THE_VERDICT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -53,8 +50,8 @@ class DownloadError(RuntimeError):
 
 def cache_dir():
     """下载缓存目录：``LLM_CACHE_DIR``，否则为仓库下的 ``.cache/downloads``。"""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get(DOWNLOAD_CACHE_ENV):
+        return Path(os.environ[DOWNLOAD_CACHE_ENV]).expanduser()
     if (REPO_ROOT / "pyproject.toml").exists():
         return REPO_ROOT / ".cache" / "downloads"
     return Path.home() / ".cache" / "notes-for-llm"
@@ -132,12 +129,9 @@ def download(url, sha256=None, size=None, timeout=30):
         except DownloadError:
             dest.unlink()  # 缓存已损坏：删掉重新获取
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
     mirror = mirror_dir()
-    try:
+
+    def fetch(tmp):
         if mirror is not None:
             source = mirror / url_to_relpath(url)
             if not source.is_file():
@@ -156,9 +150,8 @@ def download(url, sha256=None, size=None, timeout=30):
         except DownloadError as e:
             source_name = f"镜像 {MIRROR_ENV}" if mirror is not None else "网络"
             raise DownloadError(f"从{source_name}获得的文件未通过校验：{e}" + _help_text(url)) from None
-        os.replace(tmp, dest)  # 原子改名：要么是完整文件，要么没有文件
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, fetch)  # 校验通过才改名：要么是完整文件，要么没有文件
     return dest
 
 

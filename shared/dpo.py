@@ -8,11 +8,12 @@ import json
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from .download import PREFERENCE_DATA, download
-from .instruct import IGNORE_INDEX, PAD_ID, collate_instruction, format_prompt
-from .train import cosine_lr
+from .instruct import collate_instruction, format_prompt
+from .runtime import eval_mode
+from .tokenizer import EOT_ID
+from .train import IGNORE_INDEX, cosine_schedule, endless_batches, train_loop
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -51,7 +52,7 @@ class PreferenceDataset(Dataset):
         return self.items[i]
 
 
-def collate_preference(batch, pad_id=PAD_ID, allowed_max_length=None):
+def collate_preference(batch, pad_id=EOT_ID, allowed_max_length=None):
     """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets"}。
 
     两边都由 collate_instruction(mask_prompt=True) 处理：目标右移一位，提示词与填充的目标为 IGNORE_INDEX，
@@ -131,16 +132,14 @@ def dpo_rewards(policy, reference, batch, device, beta):
 @torch.no_grad()
 def evaluate_dpo(policy, reference, loader, device, beta, num_batches=None):
     """在 eval 模式下用前 num_batches 个批次（None 为全部）计算 dpo_metrics，按样本平均。"""
-    was_training = policy.training
-    policy.eval()
     chosen, rejected = [], []
-    for i, batch in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
-            break
-        _, c, r = dpo_rewards(policy, reference, batch, device, beta)
-        chosen.append(c)
-        rejected.append(r)
-    policy.train(was_training)
+    with eval_mode(policy):
+        for i, batch in enumerate(loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            _, c, r = dpo_rewards(policy, reference, batch, device, beta)
+            chosen.append(c)
+            rejected.append(r)
     if not chosen:
         raise ValueError("评估用的 loader 是空的")
     return dpo_metrics(torch.cat(chosen), torch.cat(rejected))
@@ -153,16 +152,15 @@ def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *,
               eval_batches=None, max_lr=None, warmup_steps=0, grad_clip=1.0, seed=None, progress=True):
     """DPO 训练 num_epochs 个 epoch，返回 history：{"step": [...], "train_loss": [...], "val_margin": [...], ...}。
 
+    优化交给第 5 章的 train_loop，损失是 dpo_rewards 给出的 DPO 损失；max_lr 给定时学习率按 cosine_schedule 调度。
     训练前、每 eval_every 步与最后一步之后，在训练集与验证集的前 eval_batches 个批次上评估 DPO_METRICS。
-    max_lr 给定时学习率按 cosine_lr 调度。参考模型只做无梯度的前向，训练前后保持不变。
+    参考模型只做无梯度的前向，训练前后保持不变。
     """
     if any(p.requires_grad for p in reference.parameters()):
         raise ValueError("参考模型的参数必须全部冻结（用 frozen_copy 创建）")
-    device = torch.device(device)
     max_steps = num_epochs * len(train_loader)
     if max_steps == 0:
         raise ValueError("train_loader 是空的：数据太少，或 batch_size 太大且 drop_last=True")
-    min_lr = 0.1 * max_lr if max_lr is not None else None
     history = {"step": [], **{f"{split}_{k}": [] for split in ("train", "val") for k in DPO_METRICS}}
 
     def log(step):
@@ -171,31 +169,16 @@ def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *,
             for k, v in evaluate_dpo(policy, reference, loader, device, beta, eval_batches).items():
                 history[f"{split}_{k}"].append(v)
         if progress:
-            bar.write(f"step {step:4d} | loss train {history['train_loss'][-1]:.3f} val {history['val_loss'][-1]:.3f}"
-                      f" | margin val {history['val_margin'][-1]:+.3f} | acc val {history['val_accuracy'][-1]:.2f}")
+            print(f"step {step:4d} | loss train {history['train_loss'][-1]:.3f} val {history['val_loss'][-1]:.3f}"
+                  f" | margin val {history['val_margin'][-1]:+.3f} | acc val {history['val_accuracy'][-1]:.2f}")
 
-    bar = tqdm(total=max_steps, disable=not progress, mininterval=2.0, desc="dpo", unit="step")
+    def on_step(step, loss, lr):
+        if step % eval_every == 0 or step == max_steps:
+            log(step)
+
     log(0)
-    policy.train()
-    step = 0
-    for _ in range(num_epochs):
-        for batch in train_loader:
-            if seed is not None:
-                torch.manual_seed(seed + step)
-            if max_lr is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss, _, _ = dpo_rewards(policy, reference, batch, device, beta)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % eval_every == 0 or step == max_steps:
-                log(step)
-    bar.close()
-    policy.eval()
+    train_loop(policy, optimizer, endless_batches(train_loader),
+               lambda batch: dpo_rewards(policy, reference, batch, device, beta)[0], range(max_steps),
+               lr_at=None if max_lr is None else cosine_schedule(max_lr, warmup_steps, max_steps),
+               grad_clip=grad_clip, seed=seed, on_step=on_step, progress=progress, desc="dpo")
     return history

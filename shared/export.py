@@ -3,7 +3,7 @@
 每个 shared 模块由两部分组成：手写的头部（模块说明与 import），以及 ``GENERATED_MARKER``
 之后由本脚本生成的部分。生成部分按笔记本路径顺序拼接各单元格的源码（去掉标记行）。
 
-用法::
+只用标准库：没有安装 PyTorch 也能运行。用法::
 
     python -m shared.export          # 重新生成
     python -m shared.export --check  # 只检查，不一致时以非零状态退出（测试也这样做）
@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .runtime import REPO_ROOT
+
 SHARED_DIR = Path(__file__).resolve().parent
 SAVE_RE = re.compile(r"^#@save\s+([a-z_][a-z0-9_]*)\s*$")
 GENERATED_MARKER = "# ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ===="

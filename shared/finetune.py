@@ -4,15 +4,13 @@
 （两者都没有时）用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。
 同时提供同结构、随机初始化的对照模型，用来实测预训练到底带来了多少好处。
 """
+from .checkpoint import ch05_checkpoint_path, load_model, save_checkpoint
 from .download import TINY_SHAKESPEARE, DownloadError, read_text
 from .gpt2_weights import load_gpt2
 from .model import GPTModel, config_for_profile
-from .runtime import PROFILE, checkpoint_dir, set_seed
+from .runtime import checkpoint_dir, get_profile, set_seed
 from .tokenizer import get_gpt2_tokenizer
-from .train import (
-    ch05_checkpoint_path, configure_optimizer, load_ch05_model, load_checkpoint, read_checkpoint_metadata,
-    save_checkpoint, token_loader, train_model,
-)
+from .train import configure_optimizer, token_loader, train_model
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -31,32 +29,32 @@ def random_init_model(cfg, seed=123):
     return GPTModel(cfg)
 
 
-def load_base_model(profile=PROFILE, device="cpu", allow_fallback=True):
+def load_base_model(profile=None, device="cpu", allow_fallback=True):
     """返回 (model, cfg, source)：微调的起点模型（eval 模式）、它的配置，以及来源 "gpt2" / "ch05" / "fallback"。"""
+    profile = get_profile(profile)
     if profile == "gpu":
         try:
             model, cfg = load_gpt2("gpt2", allow_download=True, device=device)
             return model, cfg, "gpt2"
         except DownloadError as e:
             print("拿不到 GPT-2 权重，改用第 5 章的检查点：", str(e).splitlines()[0])
-    loaded = load_ch05_model(profile, device)
-    if loaded is not None:
-        return (*loaded, "ch05")
-    if not allow_fallback:
-        raise FileNotFoundError(f"找不到第 5 章的检查点 {ch05_checkpoint_path(profile).name}；请先运行第 5 章的笔记本")
-    path = checkpoint_dir() / f"ch06_fallback_{profile}.safetensors"
+    path, source = ch05_checkpoint_path(profile), "ch05"
     if not path.exists():
-        save_checkpoint(path, pretrain_fallback(profile, device), step=FALLBACK_STEPS[profile])
-    model = GPTModel(read_checkpoint_metadata(path)["config"])
-    load_checkpoint(path, model)
-    return model.to(device).eval(), model.cfg, "fallback"
+        if not allow_fallback:
+            raise FileNotFoundError(f"找不到第 5 章的检查点 {path.name}；请先运行第 5 章的笔记本")
+        path, source = checkpoint_dir() / f"ch06_fallback_{profile}.safetensors", "fallback"
+        if not path.exists():
+            save_checkpoint(path, pretrain_fallback(profile, device), step=FALLBACK_STEPS[profile])
+    model = load_model(path, device)
+    return model, model.cfg, source
 
 
 FALLBACK_STEPS = {"tiny": 30, "cpu": 60, "gpu": 1000}  # 兜底预训练的步数（cpu 档在 2 核上约几分钟）
 
 
-def pretrain_fallback(profile=PROFILE, device="cpu", seed=123):
+def pretrain_fallback(profile=None, device="cpu", seed=123):
     """没有第 5 章检查点时的兜底：在 Tiny Shakespeare 上简短预训练一个 config_for_profile(profile) 模型。"""
+    profile = get_profile(profile)
     cfg = config_for_profile(profile)
     ids = get_gpt2_tokenizer().encode(read_text(TINY_SHAKESPEARE))
     split = int(0.9 * len(ids))
@@ -67,5 +65,5 @@ def pretrain_fallback(profile=PROFILE, device="cpu", seed=123):
     optimizer = configure_optimizer(model, lr=1e-3)
     steps = FALLBACK_STEPS[profile]
     train_model(model, train_loader, val_loader, optimizer, device, max_steps=steps, eval_every=steps, eval_batches=4,
-                max_lr=1e-3, warmup_steps=steps // 10, seed=seed)
+                max_lr=1e-3, warmup_steps=steps // 10, seed=seed, progress=False)
     return model.eval()

@@ -1,13 +1,16 @@
-"""读取真实的 GPT-2 权重（Hugging Face safetensors 格式）到本课程的 GPTModel，在 05_pretraining 中讲解。"""
+"""GPT-2 权重与 Hugging Face 格式互转：读取真实的 GPT-2 权重到本课程的 GPTModel，
+以及把 GPTModel 导出成 transformers 能读的目录，在 05_pretraining 中讲解。"""
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from .download import MIRROR_ENV, DownloadError, cache_dir, download, mirror_dir, url_to_relpath
+from .checkpoint import load_weights
+from .download import DownloadError, cache_dir, download, mirror_dir, url_to_relpath
 from .model import GPTModel
+from .runtime import MIRROR_ENV, atomic_write
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -88,6 +91,27 @@ def gpt2_config_from_hf(hf_config):
                 drop_rate=0.0, qkv_bias=True, tie_weights=hf_config.get("tie_word_embeddings", True))
 
 
+GPT2_NAMES = [  # (本课程 GPTModel 的名字, HF GPT-2 的名字, 是否转置)；{i} 是层号。c_attn 另行拆分/拼接
+    ("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False),
+    ("final_norm.scale", "ln_f.weight", False), ("final_norm.shift", "ln_f.bias", False),
+    ("trf_blocks.{i}.att.out_proj.weight", "h.{i}.attn.c_proj.weight", True),
+    ("trf_blocks.{i}.att.out_proj.bias", "h.{i}.attn.c_proj.bias", False),
+    ("trf_blocks.{i}.ff.layers.0.weight", "h.{i}.mlp.c_fc.weight", True),
+    ("trf_blocks.{i}.ff.layers.0.bias", "h.{i}.mlp.c_fc.bias", False),
+    ("trf_blocks.{i}.ff.layers.2.weight", "h.{i}.mlp.c_proj.weight", True),
+    ("trf_blocks.{i}.ff.layers.2.bias", "h.{i}.mlp.c_proj.bias", False),
+    ("trf_blocks.{i}.norm1.scale", "h.{i}.ln_1.weight", False), ("trf_blocks.{i}.norm1.shift", "h.{i}.ln_1.bias", False),
+    ("trf_blocks.{i}.norm2.scale", "h.{i}.ln_2.weight", False), ("trf_blocks.{i}.norm2.shift", "h.{i}.ln_2.bias", False),
+]
+
+
+def gpt2_name_pairs(n_layers):
+    """逐个给出 (我们的名字, HF 的名字, 是否转置)，按层展开 GPT2_NAMES。"""
+    for ours, hf, transpose in GPT2_NAMES:
+        for i in range(n_layers) if "{i}" in ours else [None]:
+            yield ours.format(i=i), hf.format(i=i), transpose
+
+
 def convert_hf_gpt2_state(hf_state, cfg):
     """Hugging Face GPT-2 的张量字典 -> 本课程 GPTModel 的 state_dict。
 
@@ -103,49 +127,50 @@ def convert_hf_gpt2_state(hf_state, cfg):
             raise KeyError(f"GPT-2 检查点缺少张量 {key!r}（不是 GPT-2 格式？）")
         return hf[key]
 
-    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
-             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
+    state = {ours: take(name).T if transpose else take(name) for ours, name, transpose in gpt2_name_pairs(cfg["n_layers"])}
     for i in range(cfg["n_layers"]):
-        h, ours = f"h.{i}.", f"trf_blocks.{i}."
-        q, k, v = take(h + "attn.c_attn.weight").T.chunk(3, dim=0)
-        qb, kb, vb = take(h + "attn.c_attn.bias").chunk(3, dim=0)
-        state.update({
-            ours + "att.W_query.weight": q, ours + "att.W_key.weight": k, ours + "att.W_value.weight": v,
-            ours + "att.W_query.bias": qb, ours + "att.W_key.bias": kb, ours + "att.W_value.bias": vb,
-            ours + "att.out_proj.weight": take(h + "attn.c_proj.weight").T,
-            ours + "att.out_proj.bias": take(h + "attn.c_proj.bias"),
-            ours + "ff.layers.0.weight": take(h + "mlp.c_fc.weight").T,
-            ours + "ff.layers.0.bias": take(h + "mlp.c_fc.bias"),
-            ours + "ff.layers.2.weight": take(h + "mlp.c_proj.weight").T,
-            ours + "ff.layers.2.bias": take(h + "mlp.c_proj.bias"),
-            ours + "norm1.scale": take(h + "ln_1.weight"), ours + "norm1.shift": take(h + "ln_1.bias"),
-            ours + "norm2.scale": take(h + "ln_2.weight"), ours + "norm2.shift": take(h + "ln_2.bias"),
-        })
+        att = f"trf_blocks.{i}.att."
+        qkv_weight, qkv_bias = take(f"h.{i}.attn.c_attn.weight").T.chunk(3, dim=0), take(f"h.{i}.attn.c_attn.bias").chunk(3)
+        for name, weight, bias in zip(("W_query", "W_key", "W_value"), qkv_weight, qkv_bias):
+            state[f"{att}{name}.weight"], state[f"{att}{name}.bias"] = weight, bias
     state["out_head.weight"] = hf.get("lm_head.weight", state["tok_emb.weight"])
     return state
 
 
-def load_gpt2_state_into(model, state):
-    """逐个张量核对形状后复制进模型；形状不符时报错并写明张量名。"""
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name not in own:
-            raise ValueError(f"模型里没有张量 {name!r}")
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"张量 {name!r} 形状不符：GPT-2 检查点 {tuple(tensor.shape)}，模型 {tuple(own[name].shape)}")
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"GPT-2 检查点没有提供这些张量：{missing[:5]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            own[name].copy_(tensor)
-    return model
+def export_gpt2_to_hf(model, folder):
+    """convert_hf_gpt2_state 的逆过程：把 GPTModel 存成 transformers GPT2LMHeadModel 的目录
+    （config.json + model.safetensors，与 save_pretrained 的布局相同），from_pretrained 与 load_gpt2 都能读回。
+
+    课程的 tiny/cpu 配置没有 QKV 偏置，GPT-2 却总有，所以写入全零偏置，计算结果不变。返回 folder。
+    """
+    from transformers import GPT2Config
+
+    model = getattr(model, "_orig_mod", model)
+    cfg, own = model.cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf = {f"transformer.{name}": own[ours].T if transpose else own[ours]
+          for ours, name, transpose in gpt2_name_pairs(cfg["n_layers"])}
+    for i in range(cfg["n_layers"]):
+        att = [f"trf_blocks.{i}.att.{name}" for name in ("W_query", "W_key", "W_value")]
+        hf[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([own[a + ".weight"] for a in att]).T
+        hf[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            [own.get(a + ".bias", torch.zeros(cfg["emb_dim"])) for a in att])
+    tied = model.out_head.weight is model.tok_emb.weight
+    if not tied:
+        hf["lm_head.weight"] = own["out_head.weight"]
+    config = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+                        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
+                        resid_pdrop=cfg["drop_rate"], embd_pdrop=cfg["drop_rate"], attn_pdrop=cfg["drop_rate"],
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=tied, architectures=["GPT2LMHeadModel"])
+    folder = Path(folder)
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config.to_json_string(), encoding="utf-8"))
+    tensors = {k: v.contiguous() for k, v in hf.items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return folder
 
 
 def load_gpt2(name="gpt2", local_dir=None, allow_download=False, device="cpu"):
     """读取真实的 GPT-2 权重，返回 (GPTModel, cfg)，模型处于 eval 模式。拿不到文件时抛出 DownloadError。"""
     folder = fetch_gpt2(name, local_dir, allow_download)
     cfg = gpt2_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    model = GPTModel(cfg)
-    load_gpt2_state_into(model, convert_hf_gpt2_state(load_file(str(folder / "model.safetensors")), cfg))
+    model = load_weights(GPTModel(cfg), convert_hf_gpt2_state(load_file(str(folder / "model.safetensors")), cfg))
     return model.to(device).eval(), cfg

@@ -1,5 +1,5 @@
 """指令微调：Alpaca 提示词格式、自定义整理函数（动态填充、右移目标、-100 掩码、提示词掩码）、
-回答生成与提取、格式检查、ROUGE-L / token-F1、指令模型的保存与加载，以及可选的本地 Ollama 评审，
+回答生成与提取、格式检查、ROUGE-L / token-F1、指令模型的保存，以及可选的本地 Ollama 评审，
 在 06_finetuning/02_instruction 中讲解。
 """
 import json
@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .checkpoint import save_checkpoint
 from .download import INSTRUCTION_DATA, download
 from .generate import generate
-from .model import GPTModel
-from .runtime import checkpoint_dir
-from .train import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .runtime import checkpoint_dir, get_profile
+from .tokenizer import EOT_ID
+from .train import IGNORE_INDEX
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -30,7 +31,6 @@ def load_instruction_data():
     return data
 
 
-PAD_ID = 50256  # <|endoftext|>：既是回答结束的标记，也用来填充
 RESPONSE_HEADER = "\n\n### Response:\n"
 
 
@@ -73,10 +73,7 @@ class InstructionDataset(Dataset):
         return self.items[i]
 
 
-IGNORE_INDEX = -100  # F.cross_entropy 的默认 ignore_index
-
-
-def collate_instruction(batch, pad_id=PAD_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, mask_prompt=False):
+def collate_instruction(batch, pad_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, mask_prompt=False):
     """[(token_ids, prompt_len), ...] -> (inputs, targets)，形状都是 (B, T)，T = 本批最长序列长度（再截断）。
 
     目标 = 输入右移一位；第一个结束符之后的填充、以及（mask_prompt=True 时）提示词部分的目标都记为 ignore_index。
@@ -107,11 +104,10 @@ def extract_response(full_text, prompt):
 
 
 @torch.no_grad()
-def generate_response(model, entry, tokenizer, device, max_new_tokens, context_size, eos_id=PAD_ID):
+def generate_response(model, entry, tokenizer, device, max_new_tokens, context_size, eos_id=EOT_ID):
     """贪心解码一条回答，返回 {"response", "ended"}；ended 表示模型自己输出了结束符（而不是被长度截断）。"""
     prompt = format_prompt(entry)
     idx = torch.tensor([tokenizer.encode(prompt)], device=device)
-    model.eval()
     out = generate(model, idx, max_new_tokens=max_new_tokens, context_size=context_size, eos_id=eos_id)
     new_tokens = out[0, idx.shape[1]:].tolist()
     ended = eos_id in new_tokens
@@ -120,26 +116,16 @@ def generate_response(model, entry, tokenizer, device, max_new_tokens, context_s
     return {"response": extract_response(prompt + tokenizer.decode(new_tokens), prompt), "ended": ended}
 
 
-def instruct_checkpoint_path(profile):
-    """指令微调模型的检查点路径：checkpoint_dir()/ch06_instruct_<profile>.safetensors。"""
-    return checkpoint_dir() / f"ch06_instruct_{profile}.safetensors"
+def instruct_checkpoint_path(profile=None):
+    """指令微调模型的检查点路径：checkpoint_dir()/ch06_instruct_<配置档>.safetensors（默认为当前配置档）。"""
+    return checkpoint_dir() / f"ch06_instruct_{get_profile(profile)}.safetensors"
 
 
-def save_instruct_model(model, profile, source):
-    """保存指令微调后的模型（safetensors，元数据含模型配置与起点来源 source），返回路径。"""
+def save_instruct_model(model, source, profile=None):
+    """保存指令微调后的模型（safetensors，元数据含模型配置与起点来源 source），返回路径。用 load_model 读回。"""
     path = instruct_checkpoint_path(profile)
     save_checkpoint(path, model, extra={"base_model": source})
     return path
-
-
-def load_instruct_model(profile, device="cpu"):
-    """加载第 6 章指令微调后的模型，返回 (model, cfg)，模型处于 eval 模式；文件不存在时返回 None。"""
-    path = instruct_checkpoint_path(profile)
-    if not path.exists():
-        return None
-    model = GPTModel(read_checkpoint_metadata(path)["config"])
-    load_checkpoint(path, model)
-    return model.to(device).eval(), model.cfg
 
 
 PROMPT_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")

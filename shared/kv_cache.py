@@ -1,7 +1,7 @@
-"""KV 缓存 (KV cache)：让 GPTModel 逐 token 生成时不再重复计算前文的 K、V，在 04_gpt_model/bonus_kv_cache 中讲解。
+"""KV 缓存 (KV cache)：让模型逐 token 生成时不再重复计算前文的 K、V，在 04_gpt_model/bonus_kv_cache 中讲解。
 
-不修改 GPTModel，也不复制权重：这里的函数直接调用模型自己的子模块（tok_emb、att.W_query、ff……），
-只把注意力这一步换成“新 token 的 Q 对缓存中全部 K、V”的计算。
+GPTModel.forward(idx, cache=...) 调用这里的 forward_cached：它直接使用模型自己的子模块（tok_emb、att.W_query、ff……），
+只把注意力这一步换成“新 token 的 Q 对缓存中全部 K、V”的计算。Llama/Qwen3 用同一个 KVCache。
 """
 import torch
 import torch.nn.functional as F
@@ -11,26 +11,22 @@ import torch.nn.functional as F
 
 # ---- 04_gpt_model/bonus_kv_cache.ipynb ----
 class KVCache:
-    """预分配的 K/V 缓存：形状 (n_layers, batch, n_heads, max_len, head_dim)，按位置写入，从不拼接。"""
+    """预分配的 K/V 缓存：形状 (n_layers, batch, n_heads, max_len, head_dim)，按位置写入，从不拼接。
 
-    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, device=None, dtype=torch.float32):
+    max_len 默认且最大为 context_length（位置编码只有这么多个位置）。模型的 make_cache 按自己的形状建它。
+    """
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, context_length, device=None,
+                 dtype=torch.float32):
+        max_len = context_length if max_len is None else max_len
+        if not 1 <= max_len <= context_length:
+            raise ValueError(f"max_len={max_len} 必须在 1 与 context_length={context_length} 之间")
         shape = (n_layers, batch_size, n_heads, max_len, head_dim)
         self.keys = torch.empty(shape, device=device, dtype=dtype)
         self.values = torch.empty(shape, device=device, dtype=dtype)
         self.batch_size = batch_size
         self.max_len = max_len
         self.pos = 0  # 已缓存的 token 数 = 下一个 token 的位置编号
-
-    @classmethod
-    def for_model(cls, model, batch_size=1, max_len=None):
-        """按模型的配置建缓存；max_len 默认且最大为 context_length（位置嵌入只有这么多行）。"""
-        cfg = model.cfg
-        max_len = cfg["context_length"] if max_len is None else max_len
-        if not 1 <= max_len <= cfg["context_length"]:
-            raise ValueError(f"max_len={max_len} 必须在 1 与 context_length={cfg['context_length']} 之间")
-        weight = model.tok_emb.weight
-        return cls(cfg["n_layers"], batch_size, cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"], max_len,
-                   device=weight.device, dtype=weight.dtype)
 
     def reset(self):
         """换一个新的提示词之前调用：旧内容不必清零，pos 归零后会被覆盖。"""
@@ -53,6 +49,12 @@ class KVCache:
         self.values[layer, :, :, self.pos:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def reorder(self, rows):
+        """束搜索用：新的第 i 行是旧的第 rows[i] 行（可以重复），批大小变为 len(rows)。"""
+        rows = torch.as_tensor(rows, device=self.keys.device)
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.batch_size = len(rows)
+
 
 def attention_cached(att, x, cache, layer):
     """用 MultiHeadAttention 模块 att 的权重处理新 token x (b, T, d)：Q 只算新 token，K、V 来自缓存。"""
@@ -69,11 +71,8 @@ def attention_cached(att, x, cache, layer):
     return att.out_proj(context.transpose(1, 2).reshape(b, T, att.d_out))
 
 
-def forward_cached(model, idx, cache, last_only=False):
-    """带缓存的 GPTModel 前向：idx (b, T) 只含新 token，位置编号从 cache.pos 开始。
-
-    返回新 token 的 logits (b, T, vocab)；last_only=True 时只算最后一个位置 (b, 1, vocab)。
-    """
+def forward_cached(model, idx, cache):
+    """带缓存的 GPTModel 前向：idx (b, T) 只含新 token，位置编号从 cache.pos 开始；返回新 token 的 logits (b, T, vocab)。"""
     b, T = idx.shape
     cache.check_room(b, T)
     pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)
@@ -82,58 +81,4 @@ def forward_cached(model, idx, cache, last_only=False):
         x = x + block.drop_shortcut(attention_cached(block.att, block.norm1(x), cache, layer))
         x = x + block.drop_shortcut(block.ff(block.norm2(x)))
     cache.pos += T
-    if last_only:
-        x = x[:, -1:]
     return model.out_head(model.final_norm(x))
-
-
-def greedy(logits):
-    """默认的取词规则：logits (b, vocab) -> 概率最大的 token (b, 1)。"""
-    return logits.argmax(dim=-1, keepdim=True)
-
-
-def top_k_sampler(temperature=1.0, top_k=None, generator=None):
-    """返回一个采样函数：logits 除以温度，只保留最大的 top_k 个，再按 softmax 概率抽样。"""
-    if temperature <= 0:
-        raise ValueError("temperature 必须大于 0；贪心解码请用默认的 greedy")
-
-    def sample(logits):
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-    return sample
-
-
-@torch.inference_mode()
-def generate_cached(model, idx, max_new_tokens, cache=None, sample=greedy):
-    """带 KV 缓存的生成。默认贪心，结果与 generate_text_simple 逐 token 相同。
-
-    先把整个提示词一次性送入（预填充 prefill），之后每步只送入 1 个新 token。
-    最后一个新 token 不必再送入模型，所以需要的缓存长度为 T + max_new_tokens - 1，不能超过 context_length
-    （绝对位置嵌入无法“滑动”缓存；更长的生成请用 generate_text_simple 的滑动窗口）。
-    传入的 cache 会先 reset()，所以同一个缓存可以依次用于多个提示词。
-    """
-    b, T = idx.shape
-    if max_new_tokens <= 0:
-        return idx
-    needed = T + max_new_tokens - 1
-    if needed > model.cfg["context_length"]:
-        raise ValueError(
-            f"提示词 {T} 个 token + 生成 {max_new_tokens} 个，需要缓存 {needed} 个位置，"
-            f"超过 context_length={model.cfg['context_length']}；请缩短提示词或减少 max_new_tokens"
-        )
-    if cache is None:
-        cache = KVCache.for_model(model, batch_size=b, max_len=needed)
-    cache.reset()
-    cache.check_room(b, needed)
-    out = torch.empty(b, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # 输出预先分配，不逐步拼接
-    out[:, :T] = idx
-    logits = forward_cached(model, idx, cache, last_only=True)
-    for i in range(T, T + max_new_tokens):
-        out[:, i:i + 1] = sample(logits[:, -1])
-        if i + 1 < T + max_new_tokens:
-            logits = forward_cached(model, out[:, i:i + 1], cache)
-    return out

@@ -1,4 +1,4 @@
-"""Llama 3 / 3.2：RMSNorm、RoPE（含 Llama 3 频率缩放）、SwiGLU、分组查询注意力 (GQA)、Llama3Model、带 KV 缓存的生成与 Hugging Face 检查点读取，在 05_pretraining/bonus_gpt_to_llama 中讲解。"""
+"""Llama 3 / 3.2：RMSNorm、RoPE（含 Llama 3 频率缩放）、SwiGLU、分组查询注意力 (GQA)、支持 KV 缓存的 Llama3Model 与 Hugging Face 检查点读取，在 05_pretraining/bonus_gpt_to_llama 中讲解。"""
 import json
 import math
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hf_checkpoint import load_hf_weights
-from .kv_cache import KVCache, greedy
+from .kv_cache import KVCache
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -196,15 +196,12 @@ class Llama3Model(nn.Module):
 
     def make_cache(self, batch_size=1, max_len=None):
         """按本模型的形状建 KV 缓存：n_kv_groups 个头，max_len 默认且最大为 context_length。"""
-        max_len = self.cfg["context_length"] if max_len is None else max_len
-        if not 1 <= max_len <= self.cfg["context_length"]:
-            raise ValueError(f"max_len={max_len} 必须在 1 与 context_length={self.cfg['context_length']} 之间")
-        w = self.tok_emb.weight
-        return KVCache(self.cfg["n_layers"], batch_size, self.cfg["n_kv_groups"], self.head_dim, max_len,
-                       device=w.device, dtype=w.dtype)
+        cfg, weight = self.cfg, self.tok_emb.weight
+        return KVCache(cfg["n_layers"], batch_size, cfg["n_kv_groups"], self.head_dim, max_len, cfg["context_length"],
+                       device=weight.device, dtype=weight.dtype)
 
-    def forward(self, in_idx, cache=None, last_only=False):
-        """有缓存时 in_idx 只含新 token，位置从 cache.pos 开始；last_only=True 时只算最后一个位置的 logits。"""
+    def forward(self, in_idx, cache=None):
+        """有缓存时 in_idx 只含新 token，位置从 cache.pos 开始。"""
         b, T = in_idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg["context_length"]:
@@ -219,8 +216,6 @@ class Llama3Model(nn.Module):
             x = block(x, self.cos, self.sin, cache, layer)
         if cache is not None:
             cache.pos += T
-        if last_only:
-            x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
 
@@ -235,38 +230,6 @@ LLAMA32_CONFIGS = {
                tie_embeddings=True, dtype=torch.bfloat16,
                rope_freq=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192)),
 }
-
-
-@torch.inference_mode()
-def generate_cached(model, idx, max_new_tokens, eos_id=None, sample=greedy, cache=None):
-    """带 KV 缓存的生成，返回 (b, T + 生成数)；默认贪心，与 transformers 的 generate(do_sample=False) 逐 token 相同。
-
-    eos_id：生成了它的序列之后只再补 eos_id；所有序列都结束时提前返回（返回的长度可能小于 T + max_new_tokens）。
-    """
-    b, T = idx.shape
-    if max_new_tokens <= 0:
-        return idx
-    needed = T + max_new_tokens - 1  # 最后一个新 token 不必再送入模型
-    if needed > model.cfg["context_length"]:
-        raise ValueError(f"提示词 {T} 个 token + 生成 {max_new_tokens} 个，需要 {needed} 个位置，"
-                         f"超过 context_length={model.cfg['context_length']}")
-    cache = model.make_cache(b, needed) if cache is None else cache
-    cache.reset()
-    out = torch.empty(b, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
-    out[:, :T] = idx
-    finished = torch.zeros(b, dtype=torch.bool, device=idx.device)
-    logits = model(idx, cache=cache, last_only=True)
-    for i in range(T, T + max_new_tokens):
-        next_token = sample(logits[:, -1])
-        if eos_id is not None:
-            next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_id), next_token)
-            finished |= next_token[:, 0] == eos_id
-        out[:, i:i + 1] = next_token
-        if eos_id is not None and bool(finished.all()):
-            return out[:, :i + 1]
-        if i + 1 < T + max_new_tokens:
-            logits = model(next_token, cache=cache, last_only=True)
-    return out
 
 
 LLAMA_LAYER_NAMES = {  # HF 的 model.layers.{i}.<名字> -> 我们的 trf_blocks.{i}.<名字>

@@ -1,11 +1,12 @@
 """LoRA（低秩适配，low-rank adaptation）：低秩旁路、替换线性层、合并/拆分与只保存适配器，在 07_lora 中讲解。"""
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_weights
+from .runtime import atomic_write
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -99,25 +100,13 @@ def lora_state_dict(model):
 
 def save_adapter(model, path, metadata=None):
     """把适配器原子地保存为 safetensors 文件（通常只有几百 KB）；metadata 的值会转成字符串存进文件头。"""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(lora_state_dict(model), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(lora_state_dict(model), str(tmp), metadata=metadata))
 
 
 def load_adapter(model, path):
-    """把 save_adapter 保存的 A、B 载入一个已经 replace_linear_with_lora 过的模型；名字或形状不符时报错。"""
-    tensors = load_file(str(path))
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"适配器与模型不匹配：缺少 {missing[:3]}，多出 {unexpected[:3]}")
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{name} 形状不符：文件中为 {tuple(tensor.shape)}，模型中为 {tuple(params[name].shape)}")
-        with torch.no_grad():
-            params[name].copy_(tensor)
+    """把 save_adapter 保存的 A、B 载入一个已经 replace_linear_with_lora 过的模型。
+
+    用第 5 章的 load_weights 只核对、只读入 LoRA 参数：名字或形状不符时报错并写明是哪个张量。
+    """
+    load_weights(model, load_file(str(path)), only=lora_state_dict(model))

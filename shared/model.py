@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from .attention import MultiHeadAttention
-from .runtime import PROFILE
+from .kv_cache import KVCache, forward_cached
+from .runtime import get_profile
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -36,9 +37,9 @@ def model_config(name):
     raise ValueError(f"未知的模型配置 {name!r}；可选：{', '.join([*GPT_CONFIGS, *COURSE_CONFIGS])}")
 
 
-def config_for_profile(profile=PROFILE):
-    """配置档对应的模型：tiny -> "tiny"，cpu -> "cpu"，gpu -> GPT-2 124M。"""
-    return model_config({"tiny": "tiny", "cpu": "cpu", "gpu": "gpt2-small (124M)"}[profile])
+def config_for_profile(profile=None):
+    """配置档（默认为当前配置档）对应的模型：tiny -> "tiny"，cpu -> "cpu"，gpu -> GPT-2 124M。"""
+    return model_config({"tiny": "tiny", "cpu": "cpu", "gpu": "gpt2-small (124M)"}[get_profile(profile)])
 
 
 class LayerNorm(nn.Module):
@@ -127,7 +128,9 @@ class GPTModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, in_idx):
+    def forward(self, in_idx, cache=None):
+        if cache is not None:  # 带 KV 缓存的增量计算：in_idx 只含新 token（选读笔记本 bonus_kv_cache）
+            return forward_cached(self, in_idx, cache)
         b, seq_len = in_idx.shape
         if seq_len > self.cfg["context_length"]:
             raise ValueError(
@@ -138,6 +141,12 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
         return self.out_head(self.final_norm(x))
+
+    def make_cache(self, batch_size=1, max_len=None):
+        """建一个装得下 max_len 个 token（默认 context_length）的 KV 缓存，供 forward(…, cache=…) 使用。"""
+        cfg, weight = self.cfg, self.tok_emb.weight
+        return KVCache(cfg["n_layers"], batch_size, cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"], max_len,
+                       cfg["context_length"], device=weight.device, dtype=weight.dtype)
 
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):

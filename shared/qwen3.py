@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from .hf_checkpoint import find_hf_checkpoint
 from .llama import FeedForward, Llama3Model, hf_to_llama_name, llama_config_from_hf, load_llama
+from .runtime import eval_mode
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -102,12 +103,10 @@ def expert_load(model, batches):
     """把 batches 中的每个输入 (b, T) 送进模型，返回每个 MoE 层每个专家被选中的次数，形状 (MoE 层数, num_experts)。"""
     layers = moe_layers(model)
     total = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    for idx in batches:
-        model(idx)
-        total += torch.stack([m.last_counts.cpu() for m in layers])
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in batches:
+            model(idx)
+            total += torch.stack([m.last_counts.cpu() for m in layers])
     return total
 
 

@@ -11,17 +11,17 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-from .download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, MIRROR_ENV, REPO_ROOT, download
+from .download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, DownloadError, download
+from .runtime import MIRROR_ENV, REPO_ROOT, TIKTOKEN_CACHE_ENV
 
-CACHE_ENV = "TIKTOKEN_CACHE_DIR"
+EOT_ID = 50256  # <|endoftext|>：文档之间的分隔符、回答的结束符；GPT-2 没有专门的填充 token，也借它填充
 
 
 def _absolute_tiktoken_cache():
     """笔记本的工作目录各不相同，所以把相对的 TIKTOKEN_CACHE_DIR 按仓库根目录解析。"""
-    value = os.environ.get(CACHE_ENV)
+    value = os.environ.get(TIKTOKEN_CACHE_ENV)
     if value and not os.path.isabs(value):
-        os.environ[CACHE_ENV] = str((REPO_ROOT / value).resolve())
-
+        os.environ[TIKTOKEN_CACHE_ENV] = str((REPO_ROOT / value).resolve())
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,13 +38,13 @@ def get_gpt2_tokenizer():
             )
             return tiktoken.Encoding(
                 name="gpt2", explicit_n_vocab=50257, pat_str=r50k_pat_str,
-                mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256},
+                mergeable_ranks=ranks, special_tokens={ENDOFTEXT: EOT_ID},
             )
         except Exception as second_error:
-            raise RuntimeError(
+            raise DownloadError(
                 "无法加载 GPT-2 分词器：tiktoken 既不能联网也没有找到缓存"
                 f"（{type(first_error).__name__}: {first_error}），"
                 f"下载助手也失败了（{second_error}）。\n"
-                f"  怎么办：联网后重试；或设置 {CACHE_ENV}=<含 tiktoken 缓存文件的目录>；"
+                f"  怎么办：联网后重试；或设置 {TIKTOKEN_CACHE_ENV}=<含 tiktoken 缓存文件的目录>；"
                 f"或设置 {MIRROR_ENV}=<镜像目录>，其中放有 GPT-2 的 vocab.bpe 与 encoder.json。"
             ) from second_error

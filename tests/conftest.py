@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from shared.download import DownloadError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI 与开发机上，数据镜像都在仓库旁边的 ../shared/data/mirror
 SHARED_MIRROR = REPO_ROOT.parent / "shared" / "data" / "mirror"
@@ -29,3 +31,11 @@ def edited_checkpoint(tmp_path):
         (dst / "config.json").write_text((src / "config.json").read_text())
         return dst
     return edit
+
+
+def available(load):
+    """返回 load() 的结果；数据拿不到（没有网络、也没有镜像或缓存）时跳过测试，并写明原因。"""
+    try:
+        return load()
+    except DownloadError as e:
+        pytest.skip(f"数据不可用：{str(e).splitlines()[0]}")

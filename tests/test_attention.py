@@ -92,10 +92,10 @@ def test_d_out_not_divisible_by_heads_raises_clear_error():
 
 
 def test_input_longer_than_context_length_is_rejected():
-    # 目前由 masked_fill 的形状检查报错（而不是悄悄算出错误结果）；GPTModel 在更上层给出清楚的报错
     mha = MultiHeadAttention(4, 4, context_length=5, dropout=0.0, num_heads=2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"输入长度 6 超过 context_length=5"):
         mha(torch.randn(1, 6, 4))
+    assert mha(torch.randn(1, 5, 4)).shape == (1, 5, 4)
 
 
 def test_is_causal_future_tokens_do_not_change_past_outputs():

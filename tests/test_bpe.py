@@ -81,7 +81,7 @@ def test_endoftext_handling_matches_tiktoken(ours, reference):
         assert_same(ours, reference, text, **kwargs)
     assert ours.encode(EOT, allowed_special={EOT}) == [50256]
     assert ours.encode_ordinary(text) == reference.encode_ordinary(text)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="disallowed special token"):
         reference.encode(text)
     with pytest.raises(ValueError, match="allowed_special"):
         ours.encode(text)

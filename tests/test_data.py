@@ -1,9 +1,9 @@
-"""shared.data：滑动窗口数据集与数据加载器。"""
+"""shared.data：按需切窗口的滑动窗口数据集 TokenWindows 与数据加载器。"""
 import pytest
 import torch
 
-from shared.data import GPTDataset, create_dataloader
-from shared.tokenizer import get_gpt2_tokenizer
+from shared.data import TokenWindows, create_dataloader, encode_text
+from shared.tokenizer import EOT_ID, get_gpt2_tokenizer
 
 
 class FakeTokenizer:
@@ -16,60 +16,77 @@ class FakeTokenizer:
         return list(self.ids)
 
 
-def rows(tensors):
-    return [t.tolist() for t in tensors]
+def windows(ds):
+    return [(x.tolist(), y.tolist()) for x, y in (ds[k] for k in range(len(ds)))]
 
 
 def test_windows_and_targets_exact():
-    ds = GPTDataset("ignored", FakeTokenizer(range(10, 20)), max_length=4, stride=3)
+    ds = TokenWindows(list(range(10, 20)), max_length=4, stride=3)
     # 10 个词元、L=4、S=3：起点 0, 3（起点 6 需要第 6+4=10 个词元作目标，不存在）
-    assert len(ds) == 2
-    assert rows(ds.input_ids) == [[10, 11, 12, 13], [13, 14, 15, 16]]
-    assert rows(ds.target_ids) == [[11, 12, 13, 14], [14, 15, 16, 17]]
+    assert windows(ds) == [([10, 11, 12, 13], [11, 12, 13, 14]), ([13, 14, 15, 16], [14, 15, 16, 17])]
     x, y = ds[1]
     assert x.dtype == torch.long and y.dtype == torch.long
-    assert x.tolist() == [13, 14, 15, 16] and y.tolist() == [14, 15, 16, 17]
 
 
-@pytest.mark.parametrize("n, max_length, stride", [(5, 4, 1), (9, 4, 4), (10, 4, 4), (50, 7, 3), (20, 4, 100)])
-def test_window_count_and_shift(n, max_length, stride):
+# 手数的窗口数：n 个词元、窗口长 L、步幅 S 时，起点 i = 0, S, 2S, … 且 i + L <= n - 1
+@pytest.mark.parametrize("n, max_length, stride, expected", [
+    (5, 4, 1, 1), (9, 4, 4, 2), (10, 4, 4, 2), (50, 7, 3, 15), (20, 4, 100, 1), (6, 4, 1, 2),
+])
+def test_window_count_and_shift(n, max_length, stride, expected):
     ids = list(range(100, 100 + n))
-    ds = GPTDataset("ignored", FakeTokenizer(ids), max_length=max_length, stride=stride)
-    assert len(ds) == (n - max_length - 1) // stride + 1
-    for k, (x, y) in enumerate(zip(ds.input_ids, ds.target_ids)):
-        start = k * stride
-        assert x.tolist() == ids[start:start + max_length]
-        assert y.tolist() == ids[start + 1:start + max_length + 1]
+    ds = TokenWindows(ids, max_length=max_length, stride=stride)
+    assert len(ds) == expected
+    starts = [x[0] - 100 for x, _ in windows(ds)]
+    assert starts == [k * stride for k in range(expected)]
+    for x, y in windows(ds):
+        assert y == [t + 1 for t in x]  # 连续的 id：目标就是输入右移一位
+        assert len(x) == max_length
+
+
+def test_windows_are_views_not_copies():
+    """只存一份 id：窗口是原张量的视图，stride=1 时也不会把数据复制 max_length 遍。"""
+    ids = torch.arange(1000)
+    ds = TokenWindows(ids, max_length=64, stride=1)
+    x, y = ds[500]
+    assert x.data_ptr() == ds.ids[500:].data_ptr() and y.data_ptr() == ds.ids[501:].data_ptr()
+
+
+def test_out_of_range_index_raises():
+    ds = TokenWindows(list(range(10)), max_length=4, stride=3)
+    with pytest.raises(IndexError, match=r"窗口下标 2 超出范围 \[0, 2\)"):
+        ds[2]
+    with pytest.raises(IndexError, match="窗口下标 -1"):
+        ds[-1]
 
 
 def test_real_tiktoken_case():
     tok = get_gpt2_tokenizer()
     text = "Hello, world. <|endoftext|> In the sunlit terraces"
-    ids = tok.encode(text, allowed_special={"<|endoftext|>"})
-    assert 50256 in ids  # 特殊词元被当作一个词元，而不是报错或被拆开
-    ds = GPTDataset(text, tok, max_length=3, stride=2)
-    assert rows(ds.input_ids) == [ids[i:i + 3] for i in range(0, len(ids) - 3, 2)]
-    assert rows(ds.target_ids) == [ids[i + 1:i + 4] for i in range(0, len(ids) - 3, 2)]
+    ids = encode_text(tok, text)
+    assert EOT_ID in ids  # 特殊词元被当作一个词元，而不是报错或被拆开
+    assert tok.decode(ids) == text
+    ds = TokenWindows(ids, max_length=3, stride=2)
+    assert windows(ds) == [(ids[i:i + 3], ids[i + 1:i + 4]) for i in range(0, len(ids) - 3, 2)]
 
 
-def test_too_short_text_raises():
-    with pytest.raises(ValueError, match="max_length"):
-        GPTDataset("x", FakeTokenizer([1, 2, 3, 4]), max_length=4, stride=1)
-    GPTDataset("x", FakeTokenizer([1, 2, 3, 4, 5]), max_length=4, stride=1)  # 恰好够一个窗口
-    with pytest.raises(ValueError):
-        GPTDataset("Hi", get_gpt2_tokenizer(), max_length=8, stride=8)
+def test_too_short_raises():
+    with pytest.raises(ValueError, match=r"max_length \+ 1 = 5"):
+        TokenWindows([1, 2, 3, 4], max_length=4, stride=1)
+    assert len(TokenWindows([1, 2, 3, 4, 5], max_length=4, stride=1)) == 1  # 恰好够一个窗口
+    with pytest.raises(ValueError, match="一维"):
+        TokenWindows(torch.zeros(2, 10, dtype=torch.long), max_length=4, stride=1)
 
 
 @pytest.mark.parametrize("max_length, stride", [(0, 1), (4, 0), (4, -1)])
 def test_bad_sizes_raise(max_length, stride):
-    with pytest.raises(ValueError):
-        GPTDataset("x", FakeTokenizer(range(20)), max_length=max_length, stride=stride)
+    with pytest.raises(ValueError, match="必须是正整数"):
+        TokenWindows(list(range(20)), max_length=max_length, stride=stride)
 
 
 def test_dataloader_batch_shapes():
     loader = create_dataloader("x", batch_size=3, max_length=5, stride=5, shuffle=False,
                                tokenizer=FakeTokenizer(range(41)))
-    # (41 - 5 - 1) // 5 + 1 = 8 个窗口，drop_last 后 2 个批次
+    # 41 个词元、L=5、S=5：起点 0, 5, …, 35（35+5=40 <= 40），共 8 个窗口；drop_last 后 2 个批次
     batches = list(loader)
     assert len(batches) == 2
     for x, y in batches:
@@ -107,8 +124,13 @@ def test_seeded_shuffle_is_reproducible():
 
 
 def test_too_few_windows_for_one_batch_raises():
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size=4"):
         create_dataloader("x", batch_size=4, max_length=4, stride=4, tokenizer=FakeTokenizer(range(13)))
     loader = create_dataloader("x", batch_size=4, max_length=4, stride=4, drop_last=False,
                                tokenizer=FakeTokenizer(range(13)))
     assert sum(x.shape[0] for x, _ in loader) == 3
+
+
+def test_short_real_text_raises_clear_error():
+    with pytest.raises(ValueError, match=r"max_length \+ 1 = 9"):
+        create_dataloader("Hi", batch_size=1, max_length=8, stride=8)

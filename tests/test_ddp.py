@@ -1,17 +1,16 @@
 """01_pytorch/ddp_train.py：2 个 CPU 进程 (gloo) 的 DDP 训练与单进程大批次训练逐步等价。"""
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
-import hashlib
-
 import pytest
 import torch
 
+from shared.checkpoint import load_checkpoint, read_checkpoint_metadata
 from shared.model import GPTModel
 from shared.runtime import REPO_ROOT
-from shared.train import load_checkpoint, read_checkpoint_metadata
 
 SCRIPT = REPO_ROOT / "01_pytorch" / "ddp_train.py"
 STEPS = 4

@@ -1,6 +1,5 @@
 """DPO 番外：损失、回答对数概率、整理函数的掩码与冻结的参考模型（shared.dpo）。"""
 import math
-import os
 from functools import partial
 
 import pytest
@@ -13,7 +12,9 @@ from shared.dpo import (
 )
 from shared.instruct import format_prompt
 from shared.model import GPTModel, model_config
+from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import configure_optimizer
+from tests.conftest import available
 
 X = -100  # IGNORE_INDEX
 
@@ -78,7 +79,7 @@ def test_dpo_loss_sign_and_gradient_direction():
 def test_dpo_loss_rejects_non_positive_beta():
     x = torch.zeros(2)
     for beta in (0.0, -0.1):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="beta 必须 > 0"):
             dpo_loss(x, x, x, x, beta=beta)
 
 
@@ -141,19 +142,16 @@ def test_sequence_logprobs_on_a_model_ignores_padding_and_prompt_tokens():
 
 
 def test_response_logprobs_rejects_rows_without_response_tokens():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="有序列没有任何回答 token"):
         response_logprobs(torch.zeros(2, 3, 4), torch.tensor([[X, 1, 2], [X, X, X]]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 4\) 与 targets \(2, 2\) 的前两维不一致"):
         response_logprobs(torch.zeros(2, 3, 4), torch.tensor([[1, 2], [3, 4]]))
 
 
 # ---------- 数据集 ----------
 
-@pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR") and not os.environ.get("LLM_MIRROR"),
-                    reason="需要 GPT-2 分词器缓存")
 def test_preference_dataset_encodes_and_skips_too_long():
-    from shared.tokenizer import get_gpt2_tokenizer
-    tok = get_gpt2_tokenizer()
+    tok = available(get_gpt2_tokenizer)
     short = {"instruction": "Say hi.", "input": "", "chosen": "Hello there!", "rejected": "Hi."}
     long = {"instruction": "Say hi.", "input": "", "chosen": "Hello " * 100, "rejected": "Hi."}
     ds = PreferenceDataset([short, long], tok, max_length=64)
@@ -205,6 +203,6 @@ def test_train_dpo_refuses_unfrozen_reference():
     cfg = dict(model_config("tiny"), vocab_size=32, context_length=16, emb_dim=16)
     policy = GPTModel(cfg)
     loader = _toy_preference_loader()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="参考模型的参数必须全部冻结"):
         train_dpo(policy, policy, loader, loader, configure_optimizer(policy, lr=1e-3), "cpu", beta=0.1,
                   num_epochs=1, eval_every=1, progress=False)

@@ -43,5 +43,5 @@ def test_export_mechanism_on_a_toy_repository(tmp_path):
 
 
 def test_render_requires_marker():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="缺少生成标记行"):
         export.render("no marker here", [])

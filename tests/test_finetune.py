@@ -1,20 +1,26 @@
 """第 6 章：分类微调与指令微调的共享代码（shared.classifier / shared.instruct / shared.finetune）。"""
-import os
-
 import pytest
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
+from shared.checkpoint import ch05_checkpoint_path, load_model, save_checkpoint
 from shared.classifier import (
-    PAD_ID, balanced_split, calc_accuracy, collate_classification, confusion_matrix, last_token_logits,
-    load_sms_spam, replace_head_and_freeze,
+    balanced_split, calc_accuracy, classify_text, collate_classification, confusion_matrix, evaluate_classifier,
+    last_token_logits, load_sms_spam, replace_head_and_freeze, train_classifier,
 )
+from shared.finetune import load_base_model
 from shared.instruct import (
-    IGNORE_INDEX, collate_instruction, extract_response, format_input, format_prompt, has_prompt_echo,
-    is_well_formed, load_instruction_data, ollama_models, rouge_l, split_instruction_data, token_f1,
+    collate_instruction, extract_response, format_input, format_prompt, generate_response, has_prompt_echo,
+    instruct_checkpoint_path, is_well_formed, load_instruction_data, ollama_models, rouge_l, save_instruct_model,
+    split_instruction_data, token_f1,
 )
 from shared.model import GPTModel, model_config
+from shared.tokenizer import EOT_ID
+from shared.train import IGNORE_INDEX, calc_loss_batch, configure_optimizer
+from tests.conftest import available
 
-needs_mirror = pytest.mark.skipif(not os.environ.get("LLM_MIRROR"), reason="需要 LLM_MIRROR 离线镜像")
+PAD_ID = EOT_ID
 
 # 提示词 [1,2,3] + 回答 [4,5]；提示词 [6,7] + 回答 [8]；提示词 [9,10,11] + 回答 [12..15]
 TOY_BATCH = [([1, 2, 3, 4, 5], 3), ([6, 7, 8], 2), ([9, 10, 11, 12, 13, 14, 15], 3)]
@@ -53,17 +59,31 @@ def test_collate_instruction_default_pad_and_ignore_index():
     inputs, targets = collate_instruction([([5, 6], 1), ([7], 1)])
     assert inputs.tolist() == [[5, 6], [7, PAD_ID]]
     assert targets.tolist() == [[6, PAD_ID], [PAD_ID, IGNORE_INDEX]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="空序列"):
         collate_instruction([([], 0)])
 
 
-def test_masked_targets_do_not_change_loss():
-    _, targets = collate_instruction(TOY_BATCH, pad_id=0, mask_prompt=True)
+class LogitTable(nn.Module):
+    """手工构造的“模型”：不管输入是什么，都输出同一张 logits 表 (B, T, V)。"""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, idx):
+        return self.logits
+
+
+def test_calc_loss_batch_averages_only_unmasked_targets():
+    inputs, targets = collate_instruction(TOY_BATCH, pad_id=0, mask_prompt=True)
     logits = torch.randn(*targets.shape, 16, generator=torch.Generator().manual_seed(0))
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    logits[targets == IGNORE_INDEX] += 50 * torch.randn_like(logits[targets == IGNORE_INDEX])
-    loss2 = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    assert torch.allclose(loss, loss2, atol=1e-6)  # 容差 1e-6：被屏蔽的位置完全不参与
+    keep = targets != IGNORE_INDEX
+    # 手算：未被屏蔽的位置上 -log softmax 的平均
+    manual = -torch.log_softmax(logits, dim=-1)[keep].gather(-1, targets[keep][:, None]).mean()
+    loss = calc_loss_batch(inputs, targets, LogitTable(logits), "cpu")
+    assert loss.item() == pytest.approx(manual.item(), abs=1e-6)
+    logits[~keep] += 50 * torch.randn_like(logits[~keep])  # 被屏蔽的位置随便改
+    assert calc_loss_batch(inputs, targets, LogitTable(logits), "cpu").item() == pytest.approx(loss.item(), abs=1e-6)
 
 
 def _tiny_model(seed=0):
@@ -85,7 +105,7 @@ def test_classification_head_shape_and_freezing():
 
     full = replace_head_and_freeze(_tiny_model(), num_classes=3, trainable_blocks=None)
     assert all(p.requires_grad for p in full.parameters()) and full.out_head.out_features == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="trainable_blocks 应在 0 到 2 之间，收到 99"):
         replace_head_and_freeze(_tiny_model(), trainable_blocks=99)
 
 
@@ -106,7 +126,7 @@ def test_calc_accuracy_and_confusion_matrix():
     labels = torch.tensor([0, 1, 1, 0])
     assert calc_accuracy(logits, labels) == pytest.approx(0.5)
     assert confusion_matrix(logits.argmax(-1), labels).tolist() == [[1, 1], [1, 1]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="样本数不符"):
         calc_accuracy(logits, labels[:2])
 
 
@@ -116,7 +136,7 @@ def test_response_extraction_and_format_checks():
     assert prompt.endswith("### Instruction:\nSay hi.\n\n### Response:\n") and "### Input" not in prompt
     assert "### Input:\nx" in format_input({"instruction": "a", "input": "x", "output": ""})
     assert extract_response(prompt + "### Response:\n Hello there. <|endoftext|>junk", prompt) == "Hello there."
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="不以提示词开头"):
         extract_response("something else", prompt)
     assert has_prompt_echo("Hi.\n\n### Instruction:\nSay") and not has_prompt_echo("Hi.")
     assert is_well_formed("Hi.", ended=True)
@@ -138,9 +158,8 @@ def test_ollama_unreachable_returns_none():
     assert ollama_models("http://127.0.0.1:9", timeout=0.5) is None
 
 
-@needs_mirror
 def test_sms_spam_counts_and_balanced_split():
-    df = load_sms_spam()
+    df = available(load_sms_spam)
     assert len(df) == 5574 and (df["label"] == "spam").sum() == 747
     splits = balanced_split(df, seed=123)
     for part in splits.values():
@@ -151,10 +170,138 @@ def test_sms_spam_counts_and_balanced_split():
     assert balanced_split(df, seed=123)["test"].equals(splits["test"])  # 固定种子 -> 同样的切分
 
 
-@needs_mirror
 def test_instruction_data_and_split():
-    data = load_instruction_data()
+    data = available(load_instruction_data)
     assert len(data) == 1100
     train, val, test = split_instruction_data(data, seed=123)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert sorted(map(id, train + val + test)) == sorted(map(id, data))
+
+
+# ---------- 起点模型、分类训练与指令模型的保存 ----------
+
+def _small_cfg():
+    return dict(model_config("tiny"), vocab_size=64, context_length=16, emb_dim=32)
+
+
+def test_load_base_model_prefers_chapter5_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="ch05_gpt_tiny.safetensors"):
+        load_base_model("tiny", allow_fallback=False)
+    torch.manual_seed(0)
+    saved = GPTModel(_small_cfg())
+    save_checkpoint(ch05_checkpoint_path("tiny"), saved, step=5)
+    model, cfg, source = load_base_model("tiny")
+    assert source == "ch05" and cfg == _small_cfg() and not model.training
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(x), saved.eval()(x))
+
+
+def test_load_base_model_falls_back_to_a_short_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path))
+    model, cfg, source = available(lambda: load_base_model("tiny"))
+    assert source == "fallback" and cfg == model_config("tiny")
+    assert (tmp_path / "ch06_fallback_tiny.safetensors").is_file()  # 缓存下来，下一个笔记本直接复用
+    again, _, _ = load_base_model("tiny")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def _toy_classification(n=48, seed=0):
+    """两类玩具数据：类别 1 的序列以 token 7 结尾，类别 0 以 8 结尾；长度不一，右侧用 0 填充。
+    分类器必须取到每条序列**真实的**最后一个 token，取到填充位置就学不会。"""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ids = torch.randint(10, 64, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        items.append((ids + [7 if i % 2 else 8], i % 2))
+    return items
+
+
+def test_train_and_evaluate_classifier_learn_a_toy_task():
+    torch.manual_seed(0)
+    model = replace_head_and_freeze(GPTModel(_small_cfg()), num_classes=2, trainable_blocks=None)
+    collate = lambda batch: collate_classification(batch, pad_id=0)
+    train = DataLoader(_toy_classification(), batch_size=8, shuffle=True, drop_last=True, collate_fn=collate,
+                       generator=torch.Generator().manual_seed(0))
+    val = DataLoader(_toy_classification(seed=1), batch_size=8, collate_fn=collate)
+    loss_before, acc_before = evaluate_classifier(model, val, "cpu")
+    history = train_classifier(model, train, val, configure_optimizer(model, lr=3e-3), "cpu", num_epochs=6,
+                               eval_every=6, eval_batches=2, progress=False)
+    assert history["epoch_step"] == [6, 12, 18, 24, 30, 36] and history["step"] == [6, 12, 18, 24, 30, 36]
+    assert len(history["train_acc"]) == len(history["val_acc"]) == 6
+    loss_after, acc_after = evaluate_classifier(model, val, "cpu")
+    assert loss_after < loss_before and acc_after >= 0.9 > acc_before
+    assert history["val_acc"][-1] == pytest.approx(acc_after)
+    # evaluate_classifier 的准确率就是对每条序列单独算 argmax 的结果
+    with torch.no_grad():
+        singles = [int(model(torch.tensor([ids]))[0, -1].argmax() == label) for ids, label in _toy_classification(seed=1)]
+    assert acc_after == pytest.approx(sum(singles) / len(singles))
+
+
+def test_classify_text_restores_mode_and_rejects_empty_text():
+    class Chars:
+        encode = staticmethod(lambda text: [ord(c) % 64 for c in text])
+
+    torch.manual_seed(0)
+    model = replace_head_and_freeze(GPTModel(_small_cfg()), num_classes=2).train()
+    label, prob = classify_text("abcdefghijklmnopqrstuvwxyz", model, Chars, "cpu", max_length=16)
+    assert model.training  # 评估时临时切到 eval，之后恢复
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(torch.tensor([Chars.encode("abcdefghijklmnop")]))[0, -1], dim=-1)
+    assert label == ("ham", "spam")[int(probs.argmax())] and prob == pytest.approx(probs.max().item(), abs=1e-6)
+    with pytest.raises(ValueError, match="空文本"):
+        classify_text("", model, Chars, "cpu", max_length=16)
+
+
+class ScriptedTokenizer:
+    """字符级的玩具分词器：每个字符一个 id（ord % 100），EOT_ID 解码成 <|endoftext|>。"""
+
+    def encode(self, text):
+        return [ord(c) % 100 for c in text]
+
+    def decode(self, ids):
+        return "".join("<|endoftext|>" if i == EOT_ID else chr(i) for i in ids)
+
+
+class Scripted(nn.Module):
+    """无论输入什么，都依次“说出”事先写好的 token 序列（按当前长度决定下一个 token）。"""
+
+    def __init__(self, prompt_len, script):
+        super().__init__()
+        self.prompt_len, self.script = prompt_len, script
+        self.cfg = {"context_length": 1024}
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, EOT_ID + 1)
+        for t in range(idx.shape[1]):
+            k = t + 1 - self.prompt_len
+            logits[:, t, self.script[k] if 0 <= k < len(self.script) else 0] = 1.0
+        return logits
+
+
+def test_generate_response_stops_at_eot_and_reports_it():
+    entry = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    tok = ScriptedTokenizer()
+    prompt_len = len(tok.encode(format_prompt(entry)))
+    model = Scripted(prompt_len, [ord(c) for c in " Hi!"] + [EOT_ID, ord("x")]).train()
+    out = generate_response(model, entry, tok, "cpu", max_new_tokens=20, context_size=1024)
+    assert out == {"response": "Hi!", "ended": True}
+    assert model.training  # 生成时临时切到 eval，之后恢复
+    cut = generate_response(model, entry, tok, "cpu", max_new_tokens=2, context_size=1024)
+    assert cut == {"response": "H", "ended": False}  # 被长度截断：没有结束符
+
+
+def test_instruct_model_save_and_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setenv("LLM_PROFILE", "cpu")
+    torch.manual_seed(0)
+    model = GPTModel(_small_cfg())
+    path = save_instruct_model(model, source="ch05")
+    assert path == instruct_checkpoint_path() == tmp_path / "ch06_instruct_cpu.safetensors"
+    assert instruct_checkpoint_path("tiny").name == "ch06_instruct_tiny.safetensors"
+    loaded = load_model(path)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert loaded.cfg == model.cfg and not loaded.training

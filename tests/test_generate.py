@@ -1,4 +1,5 @@
-"""第 5 章的解码策略：贪心、温度、top-k、top-p、重复惩罚与束搜索。"""
+"""shared.generate：课程里唯一的解码循环。贪心、温度、top-k、top-p、重复惩罚、逐行 EOS、束搜索，
+带与不带 KV 缓存对 GPT、Llama、Qwen3（稠密与 MoE）结果相同，采样服从 softmax 分布。"""
 import itertools
 import math
 
@@ -6,19 +7,62 @@ import pytest
 import torch
 import torch.nn as nn
 
-from shared.generate import (apply_repetition_penalty, beam_search, generate, text_to_token_ids,
+from shared.generate import (apply_repetition_penalty, beam_search, generate, sample_next, text_to_token_ids,
                              token_ids_to_text, top_k_filter, top_p_filter)
+from shared.llama import Llama3Model
 from shared.model import GPTModel, generate_text_simple, model_config
-from shared.tokenizer import get_gpt2_tokenizer
+from shared.qwen3 import Qwen3Model
+from shared.tokenizer import EOT_ID, get_gpt2_tokenizer
+
+VOCAB = 97
 
 
-def small_model(seed=0, vocab=97):
+def gpt(seed=0, context=24):
     torch.manual_seed(seed)
-    cfg = dict(model_config("tiny"), vocab_size=vocab, context_length=16)
-    return GPTModel(cfg).eval()
+    return GPTModel(dict(model_config("tiny"), vocab_size=VOCAB, context_length=context, qkv_bias=True)).eval()
 
 
-PROMPT = torch.tensor([[5, 17, 42]])
+LLAMA = dict(vocab_size=VOCAB, context_length=24, emb_dim=32, n_heads=4, n_kv_groups=2, n_layers=2, hidden_dim=48,
+             head_dim=None, rope_base=10_000.0, rope_freq=None, norm_eps=1e-5, qk_norm=False, tie_embeddings=True)
+
+
+def llama_family(cls, seed=0, **extra):
+    torch.manual_seed(seed)
+    model = cls(dict(LLAMA, **extra)).eval()
+    with torch.no_grad():  # 随机权重放大一些，让 logits 之间有明显差别
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+MODELS = {
+    "gpt": gpt,
+    "llama": lambda: llama_family(Llama3Model),
+    "qwen3": lambda: llama_family(Qwen3Model, qk_norm=True),
+    "qwen3-moe": lambda: llama_family(Qwen3Model, qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                                      moe_hidden_dim=16, norm_topk_prob=True),
+}
+SAMPLERS = {
+    "greedy": {},
+    "temperature": dict(temperature=1.3),
+    "top-k": dict(temperature=0.9, top_k=5),
+    "top-p": dict(temperature=1.0, top_p=0.8),
+    "penalty": dict(temperature=0.7, repetition_penalty=1.5),
+    "greedy+eos": dict(eos_id=7),
+}
+PROMPT = torch.tensor([[5, 17, 42], [8, 1, 60]])
+
+
+class FixedLogits(nn.Module):
+    """手工构造的“模型”：不管输入是什么，下一个 token 的 logits 都是同一张表。"""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, idx):
+        return self.logits.expand(*idx.shape, -1)
 
 
 class BigramTable(nn.Module):
@@ -35,38 +79,80 @@ class BigramTable(nn.Module):
 def test_text_round_trip():
     tok = get_gpt2_tokenizer()
     ids = text_to_token_ids("Hello, world!<|endoftext|>", tok)
-    assert ids.shape == (1, 5) and ids[0, -1].item() == 50256
+    assert ids.shape == (1, 5) and ids[0, -1].item() == EOT_ID
     assert token_ids_to_text(ids, tok) == "Hello, world!<|endoftext|>"
-    with pytest.raises(ValueError, match="批大小"):
+    with pytest.raises(ValueError, match="批大小为 2"):
         token_ids_to_text(torch.zeros(2, 3, dtype=torch.long), tok)
 
 
-def test_greedy_matches_generate_text_simple():
-    model = small_model()
-    expected = generate_text_simple(model, PROMPT, 10, 16)
-    assert torch.equal(generate(model, PROMPT, 10, 16), expected)
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cached_and_uncached_generation_are_identical(model_name, sampler):
+    model = MODELS[model_name]()
+    kw = SAMPLERS[sampler]
+    runs = [generate(model, PROMPT, 15, generator=torch.Generator().manual_seed(3), use_cache=use_cache, **kw)
+            for use_cache in (True, False)]
+    assert torch.equal(*runs), f"{model_name} / {sampler}：带缓存 {runs[0].tolist()} 与不带缓存 {runs[1].tolist()} 不同"
 
 
-def test_low_temperature_equals_greedy():
-    model = small_model()
-    greedy = generate(model, PROMPT, 10, 16)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_cache_is_really_used(model_name):
+    """带缓存时：先把整个提示词送入一次（预填充），之后每步只送入 1 个新 token；不带缓存时每步送入整段序列。"""
+    model = MODELS[model_name]()
+    calls = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[0].shape[1], kwargs.get("cache") is not None)), with_kwargs=True)
+    generate(model, PROMPT, 5)
+    assert calls == [(3, True)] + [(1, True)] * 4
+    calls.clear()
+    generate(model, PROMPT, 5, use_cache=False)
+    assert calls == [(3 + i, False) for i in range(5)]
+
+
+def test_greedy_equals_generate_text_simple_including_sliding_window():
+    model = gpt(context=16)
+    for prompt, n in [(PROMPT, 10), (PROMPT[:, :1], 30)]:  # 第二个超过上下文长度：缓存装不下，改用滑动窗口
+        assert torch.equal(generate(model, prompt, n), generate_text_simple(model, prompt, n, 16))
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(temperature=1.0), torch.softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]), dim=0)),
+    (dict(temperature=0.5), torch.softmax(torch.tensor([4.0, 2.0, 1.0, 0.0, -2.0]), dim=0)),
+    (dict(temperature=1.0, top_k=2), torch.tensor([math.e, 1.0, 0, 0, 0]) / (math.e + 1)),
+    # 概率约为 0.53、0.20、0.12、0.07、0.03：累计达到 0.7 的最小集合是前两个
+    (dict(temperature=1.0, top_p=0.7), torch.tensor([math.e, 1.0, 0, 0, 0]) / (math.e + 1)),
+])
+def test_samples_follow_the_filtered_softmax(kw, expected):
+    """2 万次抽样的经验分布与理论分布的总变差距离 (total variation) < 0.02；悄悄退化成贪心的话距离约为 0.5。"""
+    model = FixedLogits([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 20_000
+    out = generate(model, torch.zeros(n, 1, dtype=torch.long), 1, context_size=1,
+                   generator=torch.Generator().manual_seed(0), **kw)
+    freq = torch.bincount(out[:, 1], minlength=5).float() / n
+    tv = 0.5 * (freq - expected).abs().sum().item()
+    assert tv < 0.02, f"经验分布 {freq.tolist()} 与理论分布 {expected.tolist()} 的总变差距离 {tv:.3f}"
+    assert freq[expected == 0].sum() == 0  # 被过滤掉的 token 一次也不出现
+
+
+def test_sampling_depends_on_the_generator_seed():
+    model = FixedLogits([0.0] * 10)  # 均匀分布：不同种子几乎不可能抽出相同的 20 个 token
+    draw = lambda seed: generate(model, torch.zeros(1, 1, dtype=torch.long), 20, context_size=1, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_low_temperature_and_top_k_one_equal_greedy():
+    model = gpt()
+    greedy = generate(model, PROMPT, 10)
     g = torch.Generator().manual_seed(0)
     # 温度 1e-4 时最大 logit 之外的概率小于 exp(-(差值)/1e-4)，可视为 0
-    assert torch.equal(generate(model, PROMPT, 10, 16, temperature=1e-4, generator=g), greedy)
+    assert torch.equal(generate(model, PROMPT, 10, temperature=1e-4, generator=g), greedy)
+    assert torch.equal(generate(model, PROMPT, 10, temperature=2.0, top_k=1, generator=g), greedy)
 
 
-def test_top_k_one_equals_greedy():
-    model = small_model()
-    g = torch.Generator().manual_seed(1)
-    sampled = generate(model, PROMPT, 10, 16, temperature=2.0, top_k=1, generator=g)
-    assert torch.equal(sampled, generate(model, PROMPT, 10, 16))
-
-
-def test_sampling_is_reproducible_with_a_generator():
-    model = small_model()
-    runs = [generate(model, PROMPT, 12, 16, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
+def test_sample_next_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 0.0, 5.0]])
+    assert sample_next(logits).tolist() == [[1], [2]]
 
 
 def test_top_k_filter_keeps_k_largest():
@@ -86,15 +172,6 @@ def test_top_p_keeps_smallest_set_reaching_p(p):
     assert set(torch.nonzero(kept).flatten().tolist()) == smallest
 
 
-def test_top_p_filtered_distribution_renormalises():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    probs = torch.softmax(top_p_filter(logits, 0.8), dim=-1)
-    full = torch.softmax(logits, dim=-1)
-    # 0.644 + 0.237 >= 0.8：只剩前两个 token，按它们的概率重新归一化
-    assert probs[0, 2:].tolist() == [0.0, 0.0]
-    assert torch.allclose(probs[0, :2], full[0, :2] / full[0, :2].sum(), atol=1e-6)
-
-
 def test_repetition_penalty_as_documented():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[0, 1, 1]])
@@ -109,22 +186,37 @@ def test_repetition_penalty_changes_greedy_choice():
     model = BigramTable([[0.6, 0.3, 0.1]] * 3)
     start = torch.tensor([[0]])
     assert generate(model, start, 2, 4).tolist() == [[0, 0, 0]]
-    assert generate(model, start, 2, 4, repetition_penalty=10.0).tolist()[0][1] != 0
+    assert generate(model, start, 2, 4, repetition_penalty=10.0).tolist() == [[0, 1, 2]]
 
 
-def test_eos_stops_generation():
-    model = BigramTable([[0.1, 0.1, 0.8], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
-    out = generate(model, torch.tensor([[0]]), 10, 4, eos_id=2)
-    assert out.tolist() == [[0, 2]]
+def test_eos_per_row():
+    # 0 -> 2 -> 2（eos）；1 -> 0 -> 2：第一行第 1 步就结束，之后只补 eos；两行都结束后提前停止
+    model = BigramTable([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1], [0.8, 0.1, 0.1]])
+    out = generate(model, torch.tensor([[0], [1]]), 10, 4, eos_id=2)
+    assert out.tolist() == [[0, 2, 2], [1, 0, 2]]
+    assert generate(model, torch.tensor([[1]]), 10, 4).shape == (1, 11)  # 不给 eos_id 就生成满 10 个
 
 
-def test_beam_search_with_one_beam_equals_greedy():
-    model = small_model()
-    assert torch.equal(beam_search(model, PROMPT, 8, 16, num_beams=1), generate(model, PROMPT, 8, 16))
+def test_generate_restores_training_mode_even_after_an_error():
+    model = gpt().train()
+    generate(model, PROMPT, 2)
+    assert model.training
+    with pytest.raises(IndexError, match="index out of range"):
+        generate(model, torch.full((1, 2), VOCAB + 5), 2)  # 越界的 token id：嵌入层报错
+    assert model.training
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_beam_search_same_with_and_without_cache(model_name):
+    model = MODELS[model_name]()
+    runs = [beam_search(model, PROMPT[:1], 8, num_beams=3, return_score=True, use_cache=c) for c in (True, False)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == pytest.approx(runs[1][1], abs=1e-4)  # 得分是对数概率之和，缓存只引入 1e-6 量级的舍入差
+    assert torch.equal(beam_search(model, PROMPT[:1], 8, num_beams=1), generate(model, PROMPT[:1], 8))
 
 
 def test_beam_search_finds_better_sequence_than_greedy():
-    # 从 0 出发：贪心先选 1 (0.6)，但 1 之后是均匀分布；走 2 (0.4) 之后几乎一定是 0 (0.9)
+    # 从 0 出发：贪心先选 1 (0.58)，但 1 之后是均匀分布；走 2 (0.4) 之后几乎一定是 0 (0.9)
     probs = [[0.02, 0.58, 0.40], [1 / 3, 1 / 3, 1 / 3], [0.90, 0.05, 0.05]]
     model = BigramTable(probs)
     start = torch.tensor([[0]])
@@ -140,6 +232,13 @@ def test_beam_search_finds_better_sequence_than_greedy():
     assert score == pytest.approx(logprob(best) / 2, abs=1e-6)  # length_penalty=1：按新 token 数平均
 
 
+def test_beam_search_stops_at_eos():
+    # 0 之后最可能是 eos=2，其次 1；1 之后必然是 eos
+    model = BigramTable([[0.1, 0.3, 0.6], [0.05, 0.05, 0.9], [1 / 3, 1 / 3, 1 / 3]])
+    beam = beam_search(model, torch.tensor([[0]]), 5, 4, num_beams=2, eos_id=2)
+    assert beam.tolist() == [[0, 2]]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
@@ -147,17 +246,23 @@ def test_beam_search_finds_better_sequence_than_greedy():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
+    kwargs = {"max_new_tokens": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
-        generate(small_model(), PROMPT, 3, 16, **kwargs)
+        generate(gpt(), PROMPT, **kwargs)
 
 
-def test_bad_shapes_raise():
-    model = small_model()
-    with pytest.raises(ValueError, match="idx"):
-        generate(model, torch.tensor([1, 2, 3]), 3, 16)
+def test_bad_shapes_and_missing_context_raise():
+    model = gpt()
+    with pytest.raises(ValueError, match="idx 必须是形状"):
+        generate(model, torch.tensor([1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="至少要有一个 token"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="context_size 必须是正整数"):
+        generate(BigramTable([[0.5, 0.5]] * 2), torch.tensor([[0]]), 3)  # 没有 cfg 的模型要显式给出 context_size
     with pytest.raises(ValueError, match="num_beams"):
-        beam_search(model, PROMPT, 3, 16, num_beams=0)
-    with pytest.raises(ValueError, match="批大小"):
-        beam_search(model, PROMPT.repeat(2, 1), 3, 16, num_beams=2)
+        beam_search(model, PROMPT[:1], 3, num_beams=0)
+    with pytest.raises(ValueError, match="批大小 2"):
+        beam_search(model, PROMPT, 3, num_beams=2)

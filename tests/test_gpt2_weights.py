@@ -1,4 +1,5 @@
-"""真实 GPT-2 权重的读取：用 transformers 随机初始化的小 GPT2LMHeadModel 检查 logits 一致。"""
+"""GPT-2 权重与 Hugging Face 格式互转：读取（用 transformers 随机初始化的小 GPT2LMHeadModel 检查 logits 一致）
+与导出 export_gpt2_to_hf（transformers 读回后 logits 一致、再读回我们的模型逐位相同）。"""
 import json
 
 import pytest
@@ -8,8 +9,10 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from shared.download import DownloadError  # noqa: E402
-from shared.gpt2_weights import convert_hf_gpt2_state, find_gpt2_dir, gpt2_config_from_hf, load_gpt2  # noqa: E402
-from shared.model import GPTModel  # noqa: E402
+from shared.checkpoint import load_weights  # noqa: E402
+from shared.gpt2_weights import (convert_hf_gpt2_state, export_gpt2_to_hf, find_gpt2_dir,  # noqa: E402
+                                 gpt2_config_from_hf, load_gpt2)
+from shared.model import GPTModel, model_config  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-4)  # float32，同一计算的不同实现
 
@@ -66,10 +69,9 @@ def test_shape_mismatch_names_the_tensor(hf_dir):
     hf_config = json.loads((folder / "config.json").read_text())
     cfg = gpt2_config_from_hf(hf_config)
     state = convert_hf_gpt2_state(load_file(folder / "model.safetensors"), cfg)
-    wrong = GPTModel(dict(cfg, emb_dim=64))
-    from shared.gpt2_weights import load_gpt2_state_into
-    with pytest.raises(ValueError, match="tok_emb.weight"):
-        load_gpt2_state_into(wrong, state)
+    wrong = GPTModel(dict(cfg, vocab_size=120))
+    with pytest.raises(ValueError, match=r"形状不符 2 个：tok_emb\.weight: 文件 \(101, 48\) / 模型 \(120, 48\), out_head"):
+        load_weights(wrong, state)
 
 
 def test_unsupported_config_raises(hf_dir):
@@ -86,7 +88,7 @@ def test_missing_files_raise_clear_error(tmp_path, monkeypatch):
     assert find_gpt2_dir("gpt2") is None
     with pytest.raises(DownloadError, match="openai-community/gpt2"):
         load_gpt2("gpt2", allow_download=False)
-    with pytest.raises(DownloadError):  # 设置了镜像就不联网：镜像里没有文件 -> 清楚的错误
+    with pytest.raises(DownloadError, match="镜像中没有这个文件"):  # 设置了镜像就不联网：镜像里没有文件 -> 清楚的错误
         load_gpt2("gpt2", allow_download=True)
 
 
@@ -100,3 +102,28 @@ def test_finds_files_in_hf_cache_layout(hf_dir, tmp_path, monkeypatch):
     (tmp_path / "hub" / "models--openai-community--gpt2" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert find_gpt2_dir("gpt2") == snap
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_weights=False, qkv_bias=True), dict(drop_rate=0.1)],
+                         ids=["course-config", "untied-with-bias", "dropout"])
+def test_export_round_trip(tmp_path, overrides):
+    """GPTModel -> export_gpt2_to_hf -> transformers 读回：logits 在 float32 舍入误差内一致；
+    再用 load_gpt2 读回我们的模型：每个张量逐位相同（课程的 tiny 配置没有 QKV 偏置，导出的是全零偏置）。"""
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=101, context_length=32, **overrides)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():  # 偏置与 LayerNorm 参数默认是 0/1，随机化后转置或拆分出错才能被发现
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = export_gpt2_to_hf(torch.compile(model), tmp_path / "hf")  # 编译过的模型导出的也是原模型
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    assert hf_model.config.tie_word_embeddings == cfg.get("tie_weights", True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), hf_logits(hf_model, IDS), **TOL)
+    back, back_cfg = load_gpt2(local_dir=folder)
+    assert back_cfg["tie_weights"] == cfg.get("tie_weights", True)
+    ours, theirs = model.state_dict(), back.state_dict()
+    for name, tensor in ours.items():
+        assert torch.equal(theirs[name], tensor), name
+    assert all(not theirs[n].any() for n in theirs if n not in ours)  # 多出来的只有全零的 QKV 偏置

@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 )
 
 from shared.attention import MultiHeadAttention  # noqa: E402
+from shared.generate import generate  # noqa: E402
 from shared.llama import (  # noqa: E402
     LLAMA32_CONFIGS,
     GroupedQueryAttention,
@@ -18,7 +19,6 @@ from shared.llama import (  # noqa: E402
     RMSNorm,
     apply_rope,
     compute_rope_params,
-    generate_cached,
     llama_config_from_hf,
     load_llama,
 )
@@ -88,18 +88,18 @@ def test_greedy_generation_matches_hf_generate(checkpoint):
     with torch.no_grad():
         ref = hf_model.generate(prompt, max_new_tokens=25, do_sample=False, eos_token_id=None,
                                 attention_mask=torch.ones_like(prompt))
-    ours = generate_cached(model, prompt, 25)
+    ours = generate(model, prompt, 25)
     assert torch.equal(ours, ref), f"贪心生成与 transformers 不同：{ours.tolist()} vs {ref.tolist()}"
 
 
 def test_generation_stops_at_eos_like_hf(checkpoint):
     hf_model, model, _ = checkpoint
     prompt = IDS[:1, :7]
-    eos = int(generate_cached(model, prompt, 4)[0, -1])  # 第 4 个生成的 token 当作结束符
+    eos = int(generate(model, prompt, 4)[0, -1])  # 第 4 个生成的 token 当作结束符
     with torch.no_grad():
         ref = hf_model.generate(prompt, max_new_tokens=25, do_sample=False, eos_token_id=eos,
                                 attention_mask=torch.ones_like(prompt))
-    ours = generate_cached(model, prompt, 25, eos_id=eos)
+    ours = generate(model, prompt, 25, eos_id=eos)
     assert torch.equal(ours, ref)
     assert int(ours[0, -1]) == eos and ours.shape[1] <= 7 + 4
 
@@ -125,8 +125,9 @@ def test_context_overflow_raises(checkpoint):
         model(torch.zeros(1, n - 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="缓存中 62 个"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="context_length"):
-        generate_cached(model, torch.zeros(1, 10, dtype=torch.long), max_new_tokens=n)
+    # 提示词 + 生成超过上下文长度时，generate 不用缓存，改用滑动窗口（仍然不越界）
+    long = generate(model, IDS[:1, :10], max_new_tokens=n)
+    assert long.shape == (1, 10 + n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

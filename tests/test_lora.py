@@ -96,8 +96,22 @@ def test_adapter_save_load_round_trip(tmp_path):
 def test_adapter_with_wrong_rank_is_rejected(tmp_path):
     path = tmp_path / "adapter.safetensors"
     save_adapter(lora_model(rank=4), path)
-    with pytest.raises(ValueError, match="形状不符"):
+    with pytest.raises(ValueError, match=r"形状不符 \d+ 个：trf_blocks\.0\.att\.W_query\.lora\.A: 文件 \(64, 4\) / 模型 \(64, 2\)"):
         load_adapter(lora_model(rank=2), path)
+
+
+def test_adapter_for_other_targets_is_rejected(tmp_path):
+    """只改注意力的适配器装进“注意力 + 前馈”的模型：缺少前馈层的 A、B；反过来则多出它们。"""
+    attn_only = tiny_model()
+    replace_linear_with_lora(attn_only, rank=4, alpha=8)
+    both = tiny_model()
+    replace_linear_with_lora(both, rank=4, alpha=8, target_modules=ATTENTION_TARGETS + MLP_TARGETS)
+    save_adapter(attn_only, tmp_path / "attn.safetensors")
+    save_adapter(both, tmp_path / "both.safetensors")
+    with pytest.raises(ValueError, match=r"缺少 \d+ 个：trf_blocks\.0\.ff\.layers\.0\.lora\.A"):
+        load_adapter(both, tmp_path / "attn.safetensors")
+    with pytest.raises(ValueError, match=r"多出 \d+ 个：trf_blocks\.0\.ff\.layers\.0\.lora\.A"):
+        load_adapter(attn_only, tmp_path / "both.safetensors")
 
 
 @pytest.mark.parametrize("rank", [0, -3])

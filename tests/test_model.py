@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from shared.gpt2_weights import export_gpt2_to_hf
 from shared.model import (
     COURSE_CONFIGS, GELU, GPT_CONFIGS, FeedForward, GPTModel, LayerNorm, TransformerBlock, config_for_profile,
     generate_text_simple, model_config,
@@ -35,29 +36,24 @@ EXPECTED_TIED = {
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_param_count_formula_matches_expected(name):
-    cfg = model_config(name)
-    assert formula(cfg) == EXPECTED_TIED[name]
-    V, d = cfg["vocab_size"], cfg["emb_dim"]
-    assert formula(dict(cfg, tie_weights=False)) == EXPECTED_TIED[name] + V * d
-
-
-@pytest.mark.parametrize("name", ["gpt2-small (124M)", "tiny", "cpu"])
-def test_param_count_on_meta_device(name):
+def test_param_count_matches_hand_count_and_formula(name):
+    """在 meta 设备上建出每个预设（不占内存），参数量等于手算的精确值，也等于公式。"""
     cfg = model_config(name)
     with torch.device("meta"):
-        tied = GPTModel(cfg)
-        untied = GPTModel(dict(cfg, tie_weights=False))
-    assert n_params(tied) == EXPECTED_TIED[name]
-    assert n_params(untied) == formula(dict(cfg, tie_weights=False))
+        tied, untied = GPTModel(cfg), GPTModel(dict(cfg, tie_weights=False))
+    assert n_params(tied) == EXPECTED_TIED[name] == formula(cfg)
+    assert n_params(untied) == EXPECTED_TIED[name] + cfg["vocab_size"] * cfg["emb_dim"]
     assert tied.out_head.weight is tied.tok_emb.weight
     assert untied.out_head.weight is not untied.tok_emb.weight
 
 
 def test_gpt2_124m_untied_counts():
     cfg = model_config("gpt2-small (124M)")
-    assert formula(dict(cfg, tie_weights=False)) == 163_037_184
-    assert formula(dict(cfg, tie_weights=False, qkv_bias=False)) == 163_009_536  # 差 12 层 * 3 * 768 个偏置
+    with torch.device("meta"):
+        untied = GPTModel(dict(cfg, tie_weights=False))
+        no_bias = GPTModel(dict(cfg, tie_weights=False, qkv_bias=False))
+    assert n_params(untied) == 163_037_184
+    assert n_params(no_bias) == 163_009_536  # 差 12 层 * 3 * 768 个偏置
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -76,21 +72,9 @@ def hf_model_for(cfg):
     )).eval()
 
 
-def copy_to_hf(model, hf):
-    """GPTModel -> GPT2LMHeadModel（HF 的 Conv1D 权重是 (in, out)，需要转置）。"""
-    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-          "transformer.ln_f.weight": model.final_norm.scale, "transformer.ln_f.bias": model.final_norm.shift}
-    for i, blk in enumerate(model.trf_blocks):
-        p, att = f"transformer.h.{i}.", blk.att
-        sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T
-        sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
-        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = att.out_proj.weight.T, att.out_proj.bias
-        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = blk.ff.layers[0].weight.T, blk.ff.layers[0].bias
-        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = blk.ff.layers[2].weight.T, blk.ff.layers[2].bias
-        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = blk.norm1.scale, blk.norm1.shift
-        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = blk.norm2.scale, blk.norm2.shift
-    missing, unexpected = hf.load_state_dict({k: v.detach().contiguous() for k, v in sd.items()}, strict=False)
-    assert [k for k in missing if k != "lm_head.weight"] == [] and unexpected == []
+def exported_to_hf(model, folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(export_gpt2_to_hf(model, folder)).eval()
 
 
 SMALL_HF_CONFIGS = [
@@ -105,15 +89,14 @@ def test_param_count_equals_transformers_gpt2(cfg):
     assert n_params(GPTModel(cfg)) == n_params(hf) == formula(cfg)
 
 
-def test_logits_match_transformers_gpt2():
+def test_logits_match_transformers_gpt2(tmp_path):
     cfg = SMALL_HF_CONFIGS[1]
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # 让偏置与 LayerNorm 参数非平凡，否则对不上的地方可能被 0/1 掩盖
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    hf = hf_model_for(cfg)
-    copy_to_hf(model, hf)
+    hf = exported_to_hf(model, tmp_path)
     idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
     with torch.no_grad():
         ours, theirs = model(idx), hf(idx).logits
@@ -179,24 +162,33 @@ def test_forward_rejects_too_long_input():
         model(torch.zeros(1, cfg["context_length"] + 1, dtype=torch.long))
 
 
-def test_generate_is_deterministic_and_crops():
+def test_generate_text_simple_equals_transformers_greedy(tmp_path):
+    """第 4 章的贪心解码与 transformers 的 generate(do_sample=False) 在同一组权重上逐 token 相同。"""
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=1000, context_length=32)
+    model = GPTModel(cfg).eval()
+    hf = exported_to_hf(model, tmp_path)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 5))
+    with torch.no_grad():
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate_text_simple(model, idx, 12, cfg["context_length"]), ref)
+
+
+def test_generate_text_simple_crops_to_the_context():
     torch.manual_seed(0)
     cfg = dict(model_config("tiny"), vocab_size=1000, context_length=16)
     model = GPTModel(cfg).eval()
-    idx = torch.randint(0, cfg["vocab_size"], (2, 5))
-    a = generate_text_simple(model, idx, 8, cfg["context_length"])
-    b = generate_text_simple(model, idx, 8, cfg["context_length"])
-    assert a.shape == (2, 13) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
-    # 提示词比上下文长：只用最后 context_size 个 token，结果与手动截断后的提示词生成的新 token 相同
     long = torch.randint(0, cfg["vocab_size"], (1, cfg["context_length"] + 10))
     out = generate_text_simple(model, long, 3, cfg["context_length"])
-    assert out.shape == (1, cfg["context_length"] + 13)
-    cropped = generate_text_simple(model, long[:, -cfg["context_length"]:], 3, cfg["context_length"])
-    assert torch.equal(out[:, -3:], cropped[:, -3:])
-    # 第一个新 token 等于对最后 context_length 个 token 做一次前向的 argmax
-    with torch.no_grad():
-        first = model(long[:, -cfg["context_length"]:])[:, -1].argmax(-1)
-    assert out[0, long.shape[1]].item() == first.item()
+    assert out.shape == (1, cfg["context_length"] + 13) and torch.equal(out[:, :long.shape[1]], long)
+    # 每个新 token 都只由最后 context_length 个 token 决定：逐步手算
+    seq = long
+    for _ in range(3):
+        with torch.no_grad():
+            logits = model(seq[:, -cfg["context_length"]:])[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
 
 
 def test_unknown_config_name_raises():
@@ -211,3 +203,10 @@ def test_config_is_a_copy_and_profiles():
     assert config_for_profile("tiny") == model_config("tiny")
     assert config_for_profile("cpu") == model_config("cpu")
     assert config_for_profile("gpu") == model_config("gpt2-small (124M)")
+
+
+def test_config_for_profile_reads_the_profile_at_call_time(monkeypatch):
+    monkeypatch.setenv("LLM_PROFILE", "tiny")
+    assert config_for_profile() == model_config("tiny")
+    monkeypatch.setenv("LLM_PROFILE", "cpu")
+    assert config_for_profile() == model_config("cpu")

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from shared.llama import generate_cached  # noqa: E402
+from shared.generate import generate  # noqa: E402
 from shared.qwen3 import (QWEN3_CONFIGS, MoEFeedForward, Qwen3Model, expert_load, hf_to_qwen3_name,  # noqa: E402
                           load_balancing_loss, load_qwen3, parameter_counts, preset_parameter_counts,
                           qwen3_config_from_hf)
@@ -53,7 +53,7 @@ def test_logits_match_transformers(checkpoint):
 def test_greedy_generation_matches_transformers(checkpoint):
     hf_model, single, _ = checkpoint
     model, _ = load_qwen3(single)
-    ours = generate_cached(model, IDS, 12)
+    ours = generate(model, IDS, 12)
     with torch.no_grad():
         ref = hf_model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=12, do_sample=False,
                               eos_token_id=None, pad_token_id=0)

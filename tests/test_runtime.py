@@ -1,29 +1,44 @@
+"""shared.runtime：配置档、设备、种子、eval_mode、原子写入、进度条，以及 import shared 不导入 torch。"""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn as nn
 
 from shared import runtime
 
 
-@pytest.mark.parametrize("value", ["tiny", "cpu", "gpu", " CPU "])
-def test_known_profiles_accepted(monkeypatch, value):
+@pytest.mark.parametrize("value, expected", [("tiny", "tiny"), ("cpu", "cpu"), ("gpu", "gpu"), (" CPU ", "cpu")])
+def test_known_profiles_accepted(monkeypatch, value, expected):
     monkeypatch.setenv("LLM_PROFILE", value)
-    assert runtime.get_profile() == value.strip().lower()
+    assert runtime.get_profile() == expected
+    assert runtime.get_profile(value) == expected  # 显式给出的配置档同样校验
 
 
 def test_unknown_profile_rejected_with_clear_message(monkeypatch):
     monkeypatch.setenv("LLM_PROFILE", "huge")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=r"LLM_PROFILE='huge'.*tiny, cpu, gpu"):
         runtime.get_profile()
-    message = str(err.value)
-    assert "huge" in message and "tiny" in message and "LLM_PROFILE" in message
+    with pytest.raises(ValueError, match=r"'big'"):
+        runtime.get_profile("big")
 
 
-def test_default_profile_follows_cuda(monkeypatch):
+@pytest.mark.parametrize("cuda, expected", [(True, "gpu"), (False, "cpu")])
+def test_default_profile_follows_cuda(monkeypatch, cuda, expected):
     monkeypatch.delenv("LLM_PROFILE", raising=False)
-    expected = "gpu" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert runtime.get_profile() == expected
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert runtime.get_profile() == "gpu"
+
+
+def test_profile_is_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("LLM_PROFILE", "tiny")
+    assert runtime.get_profile() == "tiny"
+    monkeypatch.setenv("LLM_PROFILE", "cpu")
+    assert runtime.get_profile() == "cpu"
 
 
 def test_device_order(monkeypatch):
@@ -43,9 +58,70 @@ def test_set_seed_reproducible():
     runtime.set_seed(7)
     b = (torch.rand(3), torch.randn(2, 2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    runtime.set_seed(8)
+    assert not torch.equal(torch.rand(3), a[0])
 
 
 def test_checkpoint_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     assert runtime.checkpoint_dir() == tmp_path / "ckpt"
     assert (tmp_path / "ckpt").is_dir()
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_eval_mode_restores_mode_even_after_an_error(start_training):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model.train(start_training)
+    with runtime.eval_mode(model):
+        assert not model.training and not model[1].training
+    assert model.training == start_training
+    with pytest.raises(RuntimeError, match="boom"):
+        with runtime.eval_mode(model):
+            raise RuntimeError("boom")
+    assert model.training == start_training and model[1].training == start_training
+
+
+def test_atomic_write_replaces_and_syncs(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(runtime.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "sub" / "out.txt"
+    assert runtime.atomic_write(path, lambda tmp: tmp.write_text("first")) == path
+    runtime.atomic_write(path, lambda tmp: tmp.write_text("second"))
+    assert path.read_text() == "second"
+    assert len(synced) >= 2  # 每次至少 fsync 一次文件内容
+    assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # 不留临时文件
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runtime.atomic_write(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_progress_bar_refreshes_only_a_few_times():
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream):  # 把进度条写进字符串，数刷新次数
+        bar = runtime.progress_bar(range(1000), desc="x")
+        for _ in bar:
+            pass
+        bar.close()
+    assert bar.miniters == 100 and bar.mininterval >= 0.5  # 至多每 1/10 的进度、每 0.5 秒刷新一次
+    assert 2 <= stream.getvalue().count("\r") <= 15
+    assert runtime.progress_bar(range(3), disable=True).disable
+
+
+def test_import_shared_and_export_do_not_import_torch():
+    code = ("import sys, shared, shared.runtime, shared.export; "
+            "shared.export.stale_modules(); print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, LLM_PROFILE="not-a-profile")).stdout
+    assert out.split() == ["False", "False"]  # 也不校验配置档：错误的 LLM_PROFILE 不影响导入

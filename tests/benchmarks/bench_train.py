@@ -1,7 +1,7 @@
 """训练吞吐基准：本章的 shared.train.train_model 与朴素的 Hugging Face GPT2LMHeadModel 训练循环。
 
 两边完全相同的设置：cpu 档模型尺寸（4 层、192 维、4 头、上下文 128、词表 50257，QKV 带偏置、权重共享、无 dropout）、
-同一份随机初始权重（HF 模型从我们的模型复制）、同一批 Tiny Shakespeare 数据（8 × 128 token/步）、
+同一份随机初始权重（HF 模型由 export_gpt2_to_hf 从我们的模型导出）、同一批 Tiny Shakespeare 数据（8 × 128 token/步）、
 AdamW(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)、梯度裁剪 1.0、fp32。交替测量 --rounds 轮，各取中位数。
 输出一个 JSON 对象：ours_tok_s、hf_tok_s 以及设置。
 用法：python tests/benchmarks/bench_train.py [--steps 20] [--rounds 3]
@@ -11,42 +11,25 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 from shared.download import TINY_SHAKESPEARE, read_text
+from shared.gpt2_weights import export_gpt2_to_hf
 from shared.model import GPTModel, model_config
 from shared.tokenizer import get_gpt2_tokenizer
 from shared.train import configure_optimizer, token_loader, train_model
 
 
-def to_hf(model):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def to_hf(model, folder):
+    """用 export_gpt2_to_hf 导出我们的模型，再由 transformers 读回：两边从同一份初始权重出发。"""
+    from transformers import GPT2LMHeadModel, logging
 
-    cfg = model.cfg
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
-        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-    ))
-    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-          "transformer.ln_f.weight": model.final_norm.scale, "transformer.ln_f.bias": model.final_norm.shift}
-    for i, blk in enumerate(model.trf_blocks):
-        p, att = f"transformer.h.{i}.", blk.att
-        sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T
-        sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
-        sd[p + "attn.c_proj.weight"] = att.out_proj.weight.T
-        sd[p + "attn.c_proj.bias"] = att.out_proj.bias
-        sd[p + "mlp.c_fc.weight"] = blk.ff.layers[0].weight.T
-        sd[p + "mlp.c_fc.bias"] = blk.ff.layers[0].bias
-        sd[p + "mlp.c_proj.weight"] = blk.ff.layers[2].weight.T
-        sd[p + "mlp.c_proj.bias"] = blk.ff.layers[2].bias
-        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = blk.norm1.scale, blk.norm1.shift
-        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = blk.norm2.scale, blk.norm2.shift
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    return hf
+    logging.disable_progress_bar()
+    return GPT2LMHeadModel.from_pretrained(export_gpt2_to_hf(model, folder))
 
 
 def bench_ours(cfg, loader, steps):
@@ -61,7 +44,8 @@ def bench_ours(cfg, loader, steps):
 
 def bench_hf(cfg, loader, steps):
     torch.manual_seed(0)
-    model = to_hf(GPTModel(cfg)).train()
+    with tempfile.TemporaryDirectory() as folder:
+        model = to_hf(GPTModel(cfg), folder).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
