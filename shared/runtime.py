@@ -109,12 +109,15 @@ def atomic_write(path, write):
 
 
 def progress_bar(iterable, desc=None, total=None, disable=False, updates=10):
-    """tqdm 进度条，整个循环只刷新约 updates 次：存进笔记本的输出不会堆积成百上千个刷新片段。"""
+    """tqdm 进度条，整个循环只刷新约 updates 次：存进笔记本的输出不会堆积成百上千个刷新片段。
+
+    maxinterval=inf：否则 tqdm 的监视线程在两次刷新相隔 10 秒以上时会把 miniters 改回 1，之后每一步都刷新。
+    """
     from tqdm import tqdm
 
     total = len(iterable) if total is None else total
     return tqdm(iterable, desc=desc, total=total, disable=disable, miniters=max(1, total // updates),
-                mininterval=0.5)
+                mininterval=0.5, maxinterval=float("inf"))
 
 
 def describe():

@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import stat
 import subprocess
 import sys
 
@@ -82,14 +83,15 @@ def test_eval_mode_restores_mode_even_after_an_error(start_training):
 
 
 def test_atomic_write_replaces_and_syncs(tmp_path, monkeypatch):
-    synced = []
+    synced = []  # 每次 fsync 的对象是不是普通文件（另一种是目录）
     real_fsync = os.fsync
-    monkeypatch.setattr(runtime.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(runtime.os, "fsync",
+                        lambda fd: synced.append(stat.S_ISREG(os.fstat(fd).st_mode)) or real_fsync(fd))
     path = tmp_path / "sub" / "out.txt"
     assert runtime.atomic_write(path, lambda tmp: tmp.write_text("first")) == path
     runtime.atomic_write(path, lambda tmp: tmp.write_text("second"))
     assert path.read_text() == "second"
-    assert len(synced) >= 2  # 每次至少 fsync 一次文件内容
+    assert synced.count(True) == 2  # 每次写入都 fsync 了文件内容
     assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # 不留临时文件
 
 
@@ -115,6 +117,7 @@ def test_progress_bar_refreshes_only_a_few_times():
             pass
         bar.close()
     assert bar.miniters == 100 and bar.mininterval >= 0.5  # 至多每 1/10 的进度、每 0.5 秒刷新一次
+    assert bar.maxinterval == float("inf")  # 慢的循环（两次刷新相隔 10 秒以上）也不会被 tqdm 改回每步刷新
     assert 2 <= stream.getvalue().count("\r") <= 15
     assert runtime.progress_bar(range(3), disable=True).disable
 
