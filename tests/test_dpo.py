@@ -206,3 +206,15 @@ def test_train_dpo_refuses_unfrozen_reference():
     with pytest.raises(ValueError, match="参考模型的参数必须全部冻结"):
         train_dpo(policy, policy, loader, loader, configure_optimizer(policy, lr=1e-3), "cpu", beta=0.1,
                   num_epochs=1, eval_every=1, progress=False)
+
+
+def test_evaluate_dpo_restores_training_mode():
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=32, context_length=16, emb_dim=16, drop_rate=0.5)
+    policy = GPTModel(cfg).train()
+    reference = frozen_copy(policy)
+    loader = _toy_preference_loader()
+    first = evaluate_dpo(policy, reference, loader, "cpu", beta=0.1)
+    assert policy.training  # 评估时临时切到 eval（关掉 dropout），之后恢复
+    assert first == evaluate_dpo(policy, reference, loader, "cpu", beta=0.1)  # eval 模式下没有随机性
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # 策略 = 参考：间隔全为 0

@@ -179,9 +179,10 @@ def test_moe_block_and_aux_loss_match_transformers():
 def test_expert_load_and_balancing_loss_on_a_model():
     cfg = qwen3_config_from_hf(hf_config("moe").to_dict())
     torch.manual_seed(0)
-    model = Qwen3Model(dict(cfg, dtype=torch.float32))
+    model = Qwen3Model(dict(cfg, dtype=torch.float32)).train()
     load = expert_load(model, [IDS, IDS[:1]])
     assert load.shape == (2, 6) and (load.sum(dim=1) == 3 * 9 * 2).all()  # 每个 token 选 2 个专家
+    assert model.training  # 统计时临时切到 eval，之后恢复
     model(IDS)
     loss = load_balancing_loss(model)  # 各 MoE 层 E * sum_e f_e P_e 的平均，可求导（经由 P_e）
     assert torch.isfinite(loss) and loss.requires_grad
