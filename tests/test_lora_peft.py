@@ -116,6 +116,7 @@ def test_merged_logits_match_peft_merged(pair):
         hf_lora.merge_adapter()
         hf_merged = hf_lora(input_ids=IDS).logits
         hf_lora.unmerge_adapter()
+    torch.testing.assert_close(merged, expected, **TOL)   # 合并前后输出相同（对照 peft 未合并的输出）
     torch.testing.assert_close(merged, hf_merged, **TOL)  # 我们合并后的模型 = peft 合并后的模型
 
 
