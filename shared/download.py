@@ -3,6 +3,8 @@
 - 文件缓存在 ``LLM_CACHE_DIR``（默认是仓库根目录下被 git 忽略的 ``.cache/downloads``），
   布局为 ``<缓存>/<主机名>/<URL 路径>``；
 - 若设置了 ``LLM_MIRROR``，则从 ``<镜像>/<主机名>/<URL 路径（已解码）>`` 读取，完全不联网；
+- 联网下载 huggingface.co 上的文件时，若设置了 ``HF_ENDPOINT``（例如国内镜像 ``https://hf-mirror.com``），
+  改从那里下载；缓存与镜像里的位置仍按原始 URL，所以换不换镜像，找到的都是同一个文件；
 - 已知的 sha256 或大小会被校验；先写入临时文件，校验通过后再改名，
   所以中途失败绝不会留下“看起来完整”的文件。
 """
@@ -14,9 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .runtime import DOWNLOAD_CACHE_ENV, MIRROR_ENV, REPO_ROOT, atomic_write
+from .runtime import DOWNLOAD_CACHE_ENV, HF_ENDPOINT_ENV, MIRROR_ENV, REPO_ROOT, atomic_write, progress_bar
 
 # 课程用到的数据集：URL -> (sha256, 字节数)。上游文件若更新，校验会失败并给出提示。
 THE_VERDICT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -99,13 +99,27 @@ def verify_file(path, sha256=None, size=None):
             raise DownloadError(f"sha256 不符：{path.name} 为 {digest[:16]}…，应为 {sha256[:16]}…（文件已损坏或被替换）")
 
 
-def _fetch_from_network(url, dest, timeout):
+def network_url(url):
+    """实际联网下载用的地址：huggingface.co 的文件在设置了 HF_ENDPOINT 时改从它下载，其余不变。"""
     parts = urllib.parse.urlsplit(url)
+    endpoint = os.environ.get(HF_ENDPOINT_ENV, "").strip().rstrip("/")
+    if parts.netloc != "huggingface.co" or not endpoint:
+        return url
+    base = urllib.parse.urlsplit(endpoint)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        raise DownloadError(f"{HF_ENDPOINT_ENV}={endpoint!r} 不是 http(s) 地址，例如 https://hf-mirror.com")
+    return urllib.parse.urlunsplit(parts._replace(scheme=base.scheme, netloc=base.netloc,
+                                                  path=base.path.rstrip("/") + parts.path))
+
+
+def _fetch_from_network(url, dest, timeout):
+    parts = urllib.parse.urlsplit(network_url(url))
     quoted = urllib.parse.urlunsplit(parts._replace(path=urllib.parse.quote(urllib.parse.unquote(parts.path))))
     request = urllib.request.Request(quoted, headers={"User-Agent": "notes-for-llm"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=url_to_relpath(url).name) as bar:
+        with open(dest, "wb") as f, progress_bar(total=total, desc=url_to_relpath(url).name, unit="B",
+                                                 unit_scale=True) as bar:
             while chunk := response.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))

@@ -1,7 +1,7 @@
 """微调的起点模型，在 06_finetuning/01_classification 中讲解；第 6、7 章与 DPO 番外共用。
 
-按优先级取得“预训练好的”起点：真实 GPT-2 权重（gpu 配置档且文件可得）→ 第 5 章自己训练的检查点 →
-（两者都没有时）用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。
+按优先级取得“预训练好的”起点：真实 GPT-2 124M 权重（本机有，或 LLM_ALLOW_DOWNLOAD=1 时下载）→
+第 5 章自己训练的检查点 →（两者都没有时）用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。
 同时提供同结构、随机初始化的对照模型，用来实测预训练到底带来了多少好处。
 """
 from .checkpoint import ch05_checkpoint_path, load_model, save_checkpoint
@@ -30,14 +30,17 @@ def random_init_model(cfg, seed=123):
 
 
 def load_base_model(profile=None, device="cpu", allow_fallback=True):
-    """返回 (model, cfg, source)：微调的起点模型（eval 模式）、它的配置，以及来源 "gpt2" / "ch05" / "fallback"。"""
+    """返回 (model, cfg, source)：微调的起点模型（eval 模式）、它的配置，以及来源 "gpt2" / "ch05" / "fallback"。
+
+    任何配置档都先找 GPT-2 124M：本机有（或 LLM_ALLOW_DOWNLOAD=1 时能下载到）就用它；否则用一行话说明原因，
+    改用第 5 章在该配置档下训练的检查点；它也不存在时，就地做一次简短预训练（allow_fallback=False 时报错）。
+    """
     profile = get_profile(profile)
-    if profile == "gpu":
-        try:
-            model, cfg = load_gpt2("gpt2", allow_download=True, device=device)
-            return model, cfg, "gpt2"
-        except DownloadError as e:
-            print("拿不到 GPT-2 权重，改用第 5 章的检查点：", str(e).splitlines()[0])
+    try:
+        model, cfg = load_gpt2("gpt2", device=device)
+        return model, cfg, "gpt2"
+    except DownloadError as e:
+        print(f"没有用 GPT-2 124M（{str(e).splitlines()[0]}）。这次从第 5 章训练的模型开始。")
     path, source = ch05_checkpoint_path(profile), "ch05"
     if not path.exists():
         if not allow_fallback:

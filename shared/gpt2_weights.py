@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import load_weights
 from .download import DownloadError, cache_dir, download, mirror_dir, url_to_relpath
 from .model import GPTModel
-from .runtime import MIRROR_ENV, atomic_write
+from .runtime import ALLOW_DOWNLOAD_ENV, HF_ENDPOINT_ENV, MIRROR_ENV, atomic_write, download_allowed
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -59,18 +59,19 @@ def find_gpt2_dir(name="gpt2", local_dir=None):
     return find_hf_dir(GPT2_REPOS.get(name, name), _has_files, local_dir)
 
 
-def fetch_gpt2(name="gpt2", local_dir=None, allow_download=False):
-    """返回 GPT-2 文件所在目录；本地没有且 allow_download=True 时用下载助手获取（124M 约 0.5 GB）。
+def fetch_gpt2(name="gpt2", local_dir=None, allow_download=None):
+    """返回 GPT-2 文件所在目录；本地没有、且允许下载时用下载助手获取（124M 约 0.5 GB，带进度条）。
 
-    拿不到时抛出 DownloadError，错误信息说明原因。
+    allow_download=None 表示看环境变量 LLM_ALLOW_DOWNLOAD（=1 时允许）。拿不到时抛出 DownloadError，说明原因和办法。
     """
     found = find_gpt2_dir(name, local_dir)
     if found is not None:
         return found
     repo = GPT2_REPOS.get(name, name)
-    if not allow_download:
+    if not (download_allowed() if allow_download is None else allow_download):
         raise DownloadError(f"本地没有 {repo} 的 {' 与 '.join(GPT2_FILES)}（查找了 local_dir、Hugging Face 缓存、"
-                            f"{MIRROR_ENV} 镜像与下载缓存），且未允许下载")
+                            f"{MIRROR_ENV} 镜像与下载缓存），也没有允许下载。设置 {ALLOW_DOWNLOAD_ENV}=1 即可自动下载"
+                            f"（约 0.5 GB；国内网络可同时设置 {HF_ENDPOINT_ENV}=https://hf-mirror.com）")
     paths = [download(hf_url(repo, f), timeout=60) for f in GPT2_FILES]
     return paths[0].parent
 
@@ -168,8 +169,8 @@ def export_gpt2_to_hf(model, folder):
     return folder
 
 
-def load_gpt2(name="gpt2", local_dir=None, allow_download=False, device="cpu"):
-    """读取真实的 GPT-2 权重，返回 (GPTModel, cfg)，模型处于 eval 模式。拿不到文件时抛出 DownloadError。"""
+def load_gpt2(name="gpt2", local_dir=None, allow_download=None, device="cpu"):
+    """读取真实的 GPT-2 权重，返回 (GPTModel, cfg)，模型处于 eval 模式。查找与下载规则见 fetch_gpt2；拿不到时抛出 DownloadError。"""
     folder = fetch_gpt2(name, local_dir, allow_download)
     cfg = gpt2_config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     model = load_weights(GPTModel(cfg), convert_hf_gpt2_state(load_file(str(folder / "model.safetensors")), cfg))

@@ -1,11 +1,15 @@
-"""指令微调：Alpaca 提示词格式、自定义整理函数（动态填充、右移目标、-100 掩码、提示词掩码）、
+"""指令微调：Alpaca 提示词格式、近似重复检测（MinHash + LSH）、自定义整理函数（动态填充、右移目标、-100 掩码、提示词掩码）、
 回答生成与提取、格式检查、ROUGE-L / token-F1、指令模型的保存，以及可选的本地 Ollama 评审，
 在 06_finetuning/02_instruction 中讲解。
 """
+import hashlib
+import itertools
 import json
+import random
 import re
 import urllib.error
 import urllib.request
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -54,6 +58,53 @@ def split_instruction_data(data, fractions=(0.85, 0.05, 0.10), seed=123):
     n_train, n_val = int(fractions[0] * len(data)), int(fractions[1] * len(data))
     pick = lambda idx: [data[i] for i in idx]
     return pick(order[:n_train]), pick(order[n_train:n_train + n_val]), pick(order[n_train + n_val:])
+
+
+def normalize_text(text):
+    """小写、只留字母数字、用单个空格连接：只差大小写、标点或空白的两段文本规范化后完全相同。"""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def shingles(text, n=3):
+    """规范化后的词 n 元组 (word n-gram) 集合；不足 n 个词的文本整体算一个元素。"""
+    words = normalize_text(text).split()
+    return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def jaccard(a, b):
+    """两个集合的 Jaccard 相似度 |A∩B| / |A∪B|；两个都是空集时为 1。"""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+MERSENNE = (1 << 61) - 1  # 一个大素数：哈希函数 h(x) = (a·x + b) mod p
+
+
+def minhash(items, num_hashes=64, seed=0):
+    """MinHash 签名：num_hashes 个随机哈希函数下集合元素的最小哈希值（长度 num_hashes 的元组）。"""
+    rng = random.Random(seed)  # 固定种子：不同文本用同一组哈希函数，签名才可比
+    params = [(rng.randrange(1, MERSENNE), rng.randrange(MERSENNE)) for _ in range(num_hashes)]
+    base = [int.from_bytes(hashlib.blake2b(x.encode("utf-8"), digest_size=8).digest(), "little") for x in items]
+    return tuple(min((a * x + b) % MERSENNE for x in base) for a, b in params)
+
+
+def near_duplicates(texts, threshold=0.8, n=3, num_hashes=64, bands=16):
+    """Jaccard 相似度 >= threshold 的文本对 [(i, j, J), ...]，i < j，按 J 从大到小排列。
+
+    先用 MinHash + LSH（签名切成 bands 段，任一段相同即为候选）找候选对，再对候选对精确计算 Jaccard。
+    """
+    if num_hashes % bands:
+        raise ValueError(f"num_hashes={num_hashes} 必须能被 bands={bands} 整除")
+    sets = [shingles(t, n) for t in texts]
+    signatures = [minhash(s, num_hashes) for s in sets]
+    rows, candidates = num_hashes // bands, set()
+    for band in range(bands):
+        buckets = defaultdict(list)
+        for i, sig in enumerate(signatures):
+            buckets[sig[band * rows:(band + 1) * rows]].append(i)
+        for group in buckets.values():
+            candidates.update(itertools.combinations(group, 2))
+    pairs = ((i, j, jaccard(sets[i], sets[j])) for i, j in candidates)
+    return sorted((p for p in pairs if p[2] >= threshold), key=lambda p: (-p[2], p[0], p[1]))
 
 
 class InstructionDataset(Dataset):

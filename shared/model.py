@@ -24,7 +24,7 @@ GPT2_BASE = dict(vocab_size=50257, context_length=1024, drop_rate=0.0, qkv_bias=
 COURSE_CONFIGS = {
     # 本课程的小模型：tiny 供 CI 秒级运行，cpu 供 2 核笔记本电脑几分钟内训练出有意义的结果
     "tiny": dict(GPT2_BASE, context_length=64, emb_dim=64, n_layers=2, n_heads=2, qkv_bias=False),
-    "cpu": dict(GPT2_BASE, context_length=128, emb_dim=192, n_layers=4, n_heads=4, qkv_bias=False),
+    "cpu": dict(GPT2_BASE, context_length=256, emb_dim=192, n_layers=4, n_heads=4, qkv_bias=False),
 }
 
 

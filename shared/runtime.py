@@ -21,6 +21,8 @@ MIRROR_ENV = "LLM_MIRROR"
 DOWNLOAD_CACHE_ENV = "LLM_CACHE_DIR"
 CHECKPOINT_ENV = "LLM_CHECKPOINT_DIR"
 TIKTOKEN_CACHE_ENV = "TIKTOKEN_CACHE_DIR"
+ALLOW_DOWNLOAD_ENV = "LLM_ALLOW_DOWNLOAD"  # =1 时才自动下载大文件（如 0.5 GB 的 GPT-2 权重）
+HF_ENDPOINT_ENV = "HF_ENDPOINT"  # Hugging Face 的下载地址，例如国内镜像 https://hf-mirror.com
 
 PROFILES = ("tiny", "cpu", "gpu")
 
@@ -38,6 +40,11 @@ def get_profile(profile=None):
             f"例如：export {PROFILE_ENV}=cpu（PowerShell：$env:{PROFILE_ENV}=\"cpu\"）"
         )
     return value
+
+
+def download_allowed():
+    """读者是否允许自动下载大文件：``LLM_ALLOW_DOWNLOAD`` 为 1 / true / yes 时允许。"""
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def get_device(prefer=None):
@@ -108,16 +115,17 @@ def atomic_write(path, write):
     return path
 
 
-def progress_bar(iterable, desc=None, total=None, disable=False, updates=10):
+def progress_bar(iterable=None, desc=None, total=None, disable=False, updates=10, **kwargs):
     """tqdm 进度条，整个循环只刷新约 updates 次：存进笔记本的输出不会堆积成百上千个刷新片段。
 
+    iterable 为 None 时是手动的进度条（调用 update(n)，例如下载的字节数）；其余参数原样交给 tqdm。
     maxinterval=inf：否则 tqdm 的监视线程在两次刷新相隔 10 秒以上时会把 miniters 改回 1，之后每一步都刷新。
     """
     from tqdm import tqdm
 
-    total = len(iterable) if total is None else total
-    return tqdm(iterable, desc=desc, total=total, disable=disable, miniters=max(1, total // updates),
-                mininterval=0.5, maxinterval=float("inf"))
+    total = len(iterable) if total is None and iterable is not None else total
+    return tqdm(iterable, desc=desc, total=total, disable=disable, miniters=max(1, total // updates) if total else None,
+                mininterval=0.5, maxinterval=float("inf"), **kwargs)
 
 
 def describe():

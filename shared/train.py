@@ -102,6 +102,35 @@ def cosine_schedule(max_lr, warmup_steps, total_steps, min_lr=None):
     return lambda step: cosine_lr(step, max_lr, min_lr, warmup_steps, total_steps)
 
 
+def matmul_gflops(dtype, n=512, repeats=10, device="cpu"):
+    """n×n 矩阵乘法在 dtype 下的速度 (GFLOPS)。"""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    a @ b  # 预热
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def pick_autocast_dtype(device, rounds=5):
+    """训练时用不用 bf16 自动混合精度：GPU 上支持就用；CPU 上交替测 rounds 轮矩阵乘法（打印结果），
+    bf16 比 fp32 快 1.2 倍以上才用（返回 torch.bfloat16），否则返回 None（保持 fp32）。"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    fp32 = bf16 = 0.0
+    for _ in range(rounds):  # 交替测、各取最好的一次：机器上有别的程序在跑时，单次测量很不可靠
+        fp32 = max(fp32, matmul_gflops(torch.float32, device=device))
+        bf16 = max(bf16, matmul_gflops(torch.bfloat16, device=device))
+    dtype = torch.bfloat16 if bf16 > 1.2 * fp32 else None
+    print(f"CPU 矩阵乘法：fp32 {fp32:.0f} GFLOPS，bf16 {bf16:.0f} GFLOPS -> {'用 bf16 autocast' if dtype else '保持 fp32'}")
+    return dtype
+
+
 def endless_batches(loader, start=0):
     """无限地逐个产生批次。每个 epoch 开始时调用 sampler 的 set_epoch（若有），
     并跳过前 start 个批次：数据顺序只取决于“第几个批次”，续训时才能接上。"""
@@ -174,11 +203,24 @@ def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_ac
     return seconds
 
 
-def evaluate(model, train_loader, val_loader, device, eval_batches):
-    """在 eval 模式下估计训练集与验证集的损失（各取前 eval_batches 个批次），返回 (train_loss, val_loss)。"""
+def sample_batches(loader, num_batches, seed=0):
+    """从 loader 的数据集中不放回地随机抽 num_batches 批样本，用 loader 的整理函数组成批次（列表）。
+
+    种子固定，所以每次评估用的是同一组样本，曲线上的起伏只来自模型的变化。num_batches 为 None、
+    或不少于全部批次数时返回 loader 本身（评估整个数据集）。
+    """
+    if num_batches is None or num_batches >= len(loader):
+        return loader
+    size = loader.batch_size
+    order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(seed))[:num_batches * size]
+    return [loader.collate_fn([loader.dataset[i] for i in order[k:k + size].tolist()])
+            for k in range(0, len(order), size)]
+
+
+def evaluate(model, train_batches, val_batches, device):
+    """在 eval 模式下计算训练集与验证集（各一组批次，见 sample_batches）上的平均损失，返回 (train_loss, val_loss)。"""
     with eval_mode(model):
-        return (calc_loss_loader(train_loader, model, device, eval_batches),
-                calc_loss_loader(val_loader, model, device, eval_batches))
+        return calc_loss_loader(train_batches, model, device), calc_loss_loader(val_batches, model, device)
 
 
 HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss", "lr")
@@ -192,7 +234,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
 
     优化本身交给 train_loop；这里只管语言模型的损失、评估记录与检查点：
     - max_lr 给定时学习率按 cosine_schedule(max_lr, warmup_steps, max_steps, min_lr) 调度；
-    - 开始前、每 eval_every 步与最后一步之后评估一次；给出 sample_fn(model) -> str 时再打印一段生成样例；
+    - 开始前、每 eval_every 步与最后一步之后评估一次：训练集与验证集各用同样多（eval_batches 批）随机抽取的样本，
+      两者才可比（None 表示整个数据集）；给出 sample_fn(model) -> str 时再打印一段生成样例；
     - resume：load_checkpoint 的返回值，从它记下的 step、tokens_seen 与 history 接着训练；
     - checkpoint_path 与 checkpoint_every：每隔这么多步（以及最后一步）原子地保存模型与优化器；
     - stop_step：训练到这一步就停（模拟中断，学习率调度仍按 max_steps 计算）；progress=False 时安静地训练。
@@ -205,6 +248,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
     history = {key: list(resume["extra"]["history"][key]) if resume else [] for key in HISTORY_KEYS}
     lr_at = None if max_lr is None else cosine_schedule(max_lr, warmup_steps, max_steps, min_lr)
     amp = autocast(device, autocast_dtype)
+    eval_sets = [sample_batches(loader, eval_batches) for loader in (train_loader, val_loader)]
 
     def loss_fn(batch):
         seen["tokens"] += batch[0].numel()
@@ -212,7 +256,7 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
 
     def log(step, lr):
         with amp:
-            losses = evaluate(model, train_loader, val_loader, device, eval_batches)
+            losses = evaluate(model, *eval_sets, device)
         for key, value in zip(HISTORY_KEYS, (step, seen["tokens"], *losses, lr)):
             history[key].append(value)
         if progress:

@@ -1,4 +1,5 @@
 """第 6 章：分类微调与指令微调的共享代码（shared.classifier / shared.instruct / shared.finetune）。"""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -12,8 +13,8 @@ from shared.classifier import (
 from shared.finetune import load_base_model
 from shared.instruct import (
     collate_instruction, extract_response, format_input, format_prompt, generate_response, has_prompt_echo,
-    instruct_checkpoint_path, is_well_formed, load_instruction_data, ollama_models, rouge_l, save_instruct_model,
-    split_instruction_data, token_f1,
+    instruct_checkpoint_path, is_well_formed, jaccard, load_instruction_data, minhash, near_duplicates, normalize_text,
+    ollama_models, rouge_l, save_instruct_model, shingles, split_instruction_data, token_f1,
 )
 from shared.model import GPTModel, model_config
 from shared.tokenizer import EOT_ID
@@ -305,3 +306,84 @@ def test_instruct_model_save_and_load(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
     assert loaded.cfg == model.cfg and not loaded.training
+
+
+# ---------- 近似重复检测 ----------
+
+def test_normalize_shingles_and_jaccard():
+    assert normalize_text("  Give THREE tips,   for staying healthy!") == "give three tips for staying healthy"
+    assert shingles("Give three tips for staying") == {"give three tips", "three tips for", "tips for staying"}
+    assert shingles("Hi there") == {"hi there"}  # 不足 n 个词：整体算一个元素
+    a, b = {"x", "y", "z"}, {"y", "z", "w"}
+    assert jaccard(a, b) == pytest.approx(2 / 4) and jaccard(set(), set()) == 1.0
+
+
+def test_minhash_agreement_estimates_jaccard():
+    a = {f"w{i}" for i in range(100)}
+    b = {f"w{i}" for i in range(50, 150)}  # 交集 50，并集 150：J = 1/3
+    sig_a, sig_b = minhash(a, num_hashes=512), minhash(b, num_hashes=512)
+    agree = np.mean([x == y for x, y in zip(sig_a, sig_b)])
+    assert agree == pytest.approx(1 / 3, abs=0.07)  # 标准差 sqrt(J(1-J)/512) ≈ 0.02
+    assert minhash(a) == minhash(set(a))  # 签名只取决于集合本身
+
+
+def test_near_duplicates_finds_crafted_pairs_like_brute_force():
+    texts = [
+        "Give three tips for staying healthy.",
+        "give three tips for staying healthy",            # 只差大小写与标点：J = 1
+        "Give three tips for staying healthy and happy.",  # 多了两个词：J = 4/6
+        "Translate the following sentence into French.",
+        "Translate the following sentence into German.",  # 换了最后一个词：J = 3/5
+        "What is the capital of France?",
+    ]
+    assert near_duplicates(texts, threshold=0.9) == [(0, 1, 1.0)]
+    pairs = near_duplicates(texts, threshold=0.5)
+    brute = sorted((i, j, jaccard(shingles(texts[i]), shingles(texts[j])))
+                   for i in range(len(texts)) for j in range(i + 1, len(texts))
+                   if jaccard(shingles(texts[i]), shingles(texts[j])) >= 0.5)
+    assert sorted(pairs) == brute and {(0, 2), (1, 2), (3, 4)} <= {(i, j) for i, j, _ in pairs}
+    with pytest.raises(ValueError, match="必须能被 bands=5 整除"):
+        near_duplicates(texts, num_hashes=64, bands=5)
+
+
+# ---------- 起点模型：有 GPT-2 就用 GPT-2 ----------
+
+def _tiny_gpt2_in_mirror(mirror):
+    transformers = pytest.importorskip("transformers")
+    folder = mirror / "huggingface.co" / "openai-community" / "gpt2" / "resolve" / "main"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu"])
+def test_load_base_model_picks_gpt2_from_the_mirror_and_fine_tunes(tmp_path, monkeypatch, capsys, profile):
+    _tiny_gpt2_in_mirror(tmp_path / "mirror")
+    monkeypatch.setenv("LLM_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.delenv("LLM_ALLOW_DOWNLOAD", raising=False)
+    model, cfg, source = load_base_model(profile)
+    assert source == "gpt2" and cfg["n_layers"] == 2 and cfg["emb_dim"] == 16 and capsys.readouterr().out == ""
+    model = replace_head_and_freeze(model, num_classes=2, trainable_blocks=1)
+    collate = lambda batch: collate_classification(batch, pad_id=0)
+    loader = DataLoader(_toy_classification(16), batch_size=8, collate_fn=collate)
+    history = train_classifier(model, loader, loader, configure_optimizer(model, lr=1e-3), "cpu", num_epochs=1,
+                               eval_every=1, eval_batches=1, progress=False)
+    assert history["step"] == [1, 2] and len(history["val_acc"]) == 1
+
+
+def test_without_gpt2_the_fallback_is_taken_and_said_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_MIRROR", str(tmp_path / "empty-mirror"))
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LLM_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.delenv("LLM_ALLOW_DOWNLOAD", raising=False)
+    torch.manual_seed(0)
+    save_checkpoint(ch05_checkpoint_path("cpu"), GPTModel(_small_cfg()), step=1)
+    model, cfg, source = load_base_model("cpu")
+    out = capsys.readouterr().out
+    assert source == "ch05" and cfg == _small_cfg()
+    assert out.count("\n") == 1 and "没有用 GPT-2 124M" in out and "LLM_ALLOW_DOWNLOAD=1" in out

@@ -9,8 +9,8 @@ from shared.checkpoint import (ch05_checkpoint_path, load_checkpoint, load_model
                                save_checkpoint)
 from shared.model import GPTModel, model_config
 from shared.train import (EpochShuffleSampler, calc_loss_batch, calc_loss_loader, configure_optimizer, cosine_lr,
-                          cosine_schedule, endless_batches, evaluate, token_loader, train_loop, train_model,
-                          train_step)
+                          cosine_schedule, endless_batches, evaluate, sample_batches, token_loader, train_loop,
+                          train_model, train_step)
 
 CFG = dict(model_config("tiny"), vocab_size=101, context_length=16)
 IDS = torch.randint(0, 101, (3000,), generator=torch.Generator().manual_seed(0))
@@ -244,8 +244,21 @@ def test_evaluate_restores_the_training_mode():
     model, _ = fresh()
     train, val = loaders()
     model.train()
-    evaluate(model, train, val, "cpu", eval_batches=1)
+    evaluate(model, sample_batches(train, 1), sample_batches(val, 1), "cpu")
     assert model.training
     model.eval()
-    evaluate(model, train, val, "cpu", eval_batches=1)
+    evaluate(model, train, val, "cpu")
     assert not model.training
+
+
+def test_sample_batches_draws_random_windows_without_replacement():
+    train = token_loader(torch.arange(400), batch_size=4, max_length=16, stride=8, shuffle=True, seed=1)
+    _, val = loaders()
+    batches = sample_batches(train, 3, seed=5)
+    assert len(batches) == 3 and all(x.shape == y.shape == (4, 16) for x, y in batches)
+    picked = [int(x[0]) // 8 for batch in batches for x in batch[0]]  # 第 k 个窗口从 token 8k 开始
+    assert len(set(picked)) == 12  # 不放回：12 个不同的窗口
+    assert max(picked) >= 12  # 不是前 3 个批次：抽到的窗口散布在整个数据集里（共 48 个窗口）
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, sample_batches(train, 3, seed=5)))  # 固定种子
+    assert not torch.equal(batches[0][0], sample_batches(train, 3, seed=6)[0][0])
+    assert sample_batches(val, None) is val and sample_batches(val, 100) is val  # 要的比全部还多：就用全部
