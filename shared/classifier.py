@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from .download import SMS_SPAM_ZIP, download
 from .runtime import eval_mode
 from .tokenizer import EOT_ID
-from .train import endless_batches, train_loop
+from .train import autocast, endless_batches, train_loop
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -138,11 +138,12 @@ def evaluate_classifier(model, loader, device, max_batches=None):
 
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs, eval_every=25, eval_batches=5,
-                     acc_batches=None, progress=True):
+                     acc_batches=None, progress=True, autocast_dtype=None):
     """分类微调：用第 5 章的 train_loop 训练 num_epochs 个 epoch，只换损失函数与每步之后的记录。
 
     每 eval_every 步记录最近这些步的平均训练损失与验证集前 eval_batches 个批次的损失；
     每个 epoch 结束时记录训练集（前 acc_batches 个批次，None 为全部）与完整验证集的准确率。返回 history 字典。
+    autocast_dtype（如第 5 章 pick_autocast_dtype 的结果）给定时，训练的前向用这种混合精度。
     """
     history = {"step": [], "train_loss": [], "val_loss": [], "epoch_step": [], "train_acc": [], "val_acc": []}
     steps_per_epoch, recent = len(train_loader), []
@@ -167,7 +168,7 @@ def train_classifier(model, train_loader, val_loader, optimizer, device, num_epo
                       f"验证准确率 {history['val_acc'][-1]:.1%}")
 
     train_loop(model, optimizer, endless_batches(train_loader), loss_fn, range(num_epochs * steps_per_epoch),
-               on_step=on_step, progress=progress, desc="finetune")
+               amp=autocast(device, autocast_dtype), on_step=on_step, progress=progress, desc="finetune")
     return history
 
 

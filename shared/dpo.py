@@ -13,7 +13,7 @@ from .download import PREFERENCE_DATA, download
 from .instruct import collate_instruction, format_prompt
 from .runtime import eval_mode
 from .tokenizer import EOT_ID
-from .train import IGNORE_INDEX, cosine_schedule, endless_batches, train_loop
+from .train import IGNORE_INDEX, autocast, cosine_schedule, endless_batches, train_loop
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -81,8 +81,15 @@ def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
 
 
 def sequence_logprobs(model, inputs, targets):
-    """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)。"""
-    return response_logprobs(model(inputs), targets)
+    """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)，即 response_logprobs(model(inputs), targets)。
+
+    只在回答位置算输出层（GPTModel 的 keep 参数），再按行求和：结果相同（浮点误差以内），计算少得多。
+    """
+    keep = targets != IGNORE_INDEX
+    if not keep.any(dim=1).all():
+        raise ValueError("有序列没有任何回答 token（全部被屏蔽或截断），无法计算回答的对数概率")
+    token_logprobs = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
+    return token_logprobs.new_zeros(len(targets)).index_add(0, keep.nonzero()[:, 0], token_logprobs)
 
 
 def frozen_copy(model):
@@ -149,12 +156,13 @@ DPO_METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
 
 def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *, beta, num_epochs, eval_every,
-              eval_batches=None, max_lr=None, warmup_steps=0, grad_clip=1.0, seed=None, progress=True):
+              eval_batches=None, max_lr=None, warmup_steps=0, grad_clip=1.0, seed=None, progress=True,
+              autocast_dtype=None):
     """DPO 训练 num_epochs 个 epoch，返回 history：{"step": [...], "train_loss": [...], "val_margin": [...], ...}。
 
     优化交给第 5 章的 train_loop，损失是 dpo_rewards 给出的 DPO 损失；max_lr 给定时学习率按 cosine_schedule 调度。
     训练前、每 eval_every 步与最后一步之后，在训练集与验证集的前 eval_batches 个批次上评估 DPO_METRICS。
-    参考模型只做无梯度的前向，训练前后保持不变。
+    参考模型只做无梯度的前向，训练前后保持不变。autocast_dtype 给定时，训练的前向用这种混合精度。
     """
     if any(p.requires_grad for p in reference.parameters()):
         raise ValueError("参考模型的参数必须全部冻结（用 frozen_copy 创建）")
@@ -180,5 +188,5 @@ def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *,
     train_loop(policy, optimizer, endless_batches(train_loader),
                lambda batch: dpo_rewards(policy, reference, batch, device, beta)[0], range(max_steps),
                lr_at=None if max_lr is None else cosine_schedule(max_lr, warmup_steps, max_steps),
-               grad_clip=grad_clip, seed=seed, on_step=on_step, progress=progress, desc="dpo")
+               grad_clip=grad_clip, amp=autocast(device, autocast_dtype), seed=seed, on_step=on_step, progress=progress, desc="dpo")
     return history

@@ -128,7 +128,8 @@ class GPTModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, in_idx, cache=None):
+    def forward(self, in_idx, cache=None, keep=None):
+        """keep（与 in_idx 同形状的布尔张量）给定时，只在 keep 为 True 的位置算输出层，返回 (keep.sum(), vocab_size)。"""
         if cache is not None:  # 带 KV 缓存的增量计算：in_idx 只含新 token（选读笔记本 bonus_kv_cache）
             return forward_cached(self, in_idx, cache)
         b, seq_len = in_idx.shape
@@ -140,6 +141,8 @@ class GPTModel(nn.Module):
         pos = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
+        if keep is not None:
+            x = x[keep]
         return self.out_head(self.final_norm(x))
 
     def make_cache(self, batch_size=1, max_len=None):

@@ -21,10 +21,15 @@ IGNORE_INDEX = -100  # 目标为它的位置不计入损失（F.cross_entropy �
 
 
 def calc_loss_batch(input_batch, target_batch, model, device):
-    """一个批次的平均交叉熵（单位 nats/token），目标为 IGNORE_INDEX 的位置不计入。"""
+    """一个批次的平均交叉熵（单位 nats/token），目标为 IGNORE_INDEX 的位置不计入。
+
+    有被屏蔽的目标时（第 6 章的指令微调），只在其余位置算输出层（GPTModel 的 keep 参数）：结果相同，计算少得多。
+    """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten(), ignore_index=IGNORE_INDEX)
+    keep = target_batch != IGNORE_INDEX
+    if keep.all():
+        return F.cross_entropy(model(input_batch).flatten(0, 1).float(), target_batch.flatten())
+    return F.cross_entropy(model(input_batch, keep=keep).float(), target_batch[keep])
 
 
 @torch.no_grad()

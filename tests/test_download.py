@@ -112,3 +112,53 @@ def test_known_data_sets_in_shared_mirror_match_checksums(monkeypatch, isolated_
     path = dl.download(url)
     assert path.stat().st_size == size
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+
+
+HF_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/config.json"
+
+
+def test_network_url_honours_hf_endpoint_only_for_hugging_face(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert dl.network_url(HF_URL) == HF_URL
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com/")
+    assert dl.network_url(HF_URL) == "https://hf-mirror.com/openai-community/gpt2/resolve/main/config.json"
+    assert dl.network_url(URL) == URL  # 其他网站不受影响
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/prefix")
+    assert dl.network_url(HF_URL) == "http://127.0.0.1:9/prefix/openai-community/gpt2/resolve/main/config.json"
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.com")
+    with pytest.raises(dl.DownloadError, match="HF_ENDPOINT='hf-mirror.com' 不是 http"):
+        dl.network_url(HF_URL)
+
+
+def test_download_through_hf_endpoint_caches_under_the_canonical_path(monkeypatch, isolated_cache):
+    import http.server
+    import threading
+
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(CONTENT)))
+            self.end_headers()
+            self.wfile.write(CONTENT)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.timeout = 5
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.delenv("LLM_MIRROR", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        path = dl.download(HF_URL, sha256=SHA, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert requested == ["/openai-community/gpt2/resolve/main/config.json"]
+    assert path == isolated_cache / "huggingface.co/openai-community/gpt2/resolve/main/config.json"
+    assert path.read_bytes() == CONTENT

@@ -218,3 +218,17 @@ def test_evaluate_dpo_restores_training_mode():
     assert policy.training  # 评估时临时切到 eval（关掉 dropout），之后恢复
     assert first == evaluate_dpo(policy, reference, loader, "cpu", beta=0.1)  # eval 模式下没有随机性
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # 策略 = 参考：间隔全为 0
+
+
+def test_sequence_logprobs_equals_the_full_logits_version_and_has_gradients():
+    torch.manual_seed(0)
+    model = GPTModel(dict(model_config("tiny"), vocab_size=32, context_length=12, emb_dim=16))
+    batch = collate_preference([([1, 2, 3, 4], [5, 6], [7]), ([8, 9], [10, 11, 12], [13, 14])], pad_id=0)
+    inputs, targets = batch["chosen_inputs"], batch["chosen_targets"]
+    fast = sequence_logprobs(model, inputs, targets)
+    full = response_logprobs(model(inputs), targets)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)  # 只是少算了提示词位置的输出层
+    fast.sum().backward()
+    assert model.tok_emb.weight.grad is not None and model.tok_emb.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="有序列没有任何回答 token"):
+        sequence_logprobs(model, inputs, torch.full_like(targets, -100))

@@ -162,6 +162,17 @@ def test_forward_rejects_too_long_input():
         model(torch.zeros(1, cfg["context_length"] + 1, dtype=torch.long))
 
 
+def test_keep_computes_logits_only_where_asked():
+    torch.manual_seed(0)
+    model = GPTModel(model_config("tiny")).eval()
+    x = torch.randint(0, 50257, (3, 10))
+    keep = torch.rand(3, 10) > 0.6
+    full = model(x)
+    kept = model(x, keep=keep)
+    assert kept.shape == (int(keep.sum()), 50257)
+    torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=0)  # 同样的计算，只是少算了一些行
+
+
 def test_generate_text_simple_equals_transformers_greedy(tmp_path):
     """第 4 章的贪心解码与 transformers 的 generate(do_sample=False) 在同一组权重上逐 token 相同。"""
     torch.manual_seed(0)

@@ -128,3 +128,13 @@ def test_import_shared_and_export_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, LLM_PROFILE="not-a-profile")).stdout
     assert out.split() == ["False", "False"]  # 也不校验配置档：错误的 LLM_PROFILE 不影响导入
+
+
+@pytest.mark.parametrize("value, allowed", [(None, False), ("", False), ("0", False), ("no", False),
+                                            ("1", True), ("true", True), (" YES ", True)])
+def test_download_allowed_reads_the_switch(monkeypatch, value, allowed):
+    if value is None:
+        monkeypatch.delenv("LLM_ALLOW_DOWNLOAD", raising=False)
+    else:
+        monkeypatch.setenv("LLM_ALLOW_DOWNLOAD", value)
+    assert runtime.download_allowed() is allowed

@@ -39,6 +39,18 @@ def test_loss_is_mean_negative_log_probability_and_respects_ignore_index():
     assert calc_loss_batch(x, y, model, "cpu").item() == pytest.approx(masked.item(), abs=1e-5)
 
 
+def test_masked_targets_skip_the_output_layer_on_ignored_positions():
+    model, _ = fresh()
+    seen = []
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs.get("keep")), with_kwargs=True)
+    x, y = IDS[:32].view(2, 16), IDS[1:33].view(2, 16).clone()
+    calc_loss_batch(x, y, model, "cpu")
+    assert seen[-1] is None  # 没有被屏蔽的目标：整段计算
+    y[:, :5] = -100
+    calc_loss_batch(x, y, model, "cpu")
+    assert torch.equal(seen[-1], y != -100)  # 只在回答位置算输出层
+
+
 def test_calc_loss_loader_averages_batches():
     model, _ = fresh()
     _, val = loaders()
@@ -262,3 +274,13 @@ def test_sample_batches_draws_random_windows_without_replacement():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, sample_batches(train, 3, seed=5)))  # 固定种子
     assert not torch.equal(batches[0][0], sample_batches(train, 3, seed=6)[0][0])
     assert sample_batches(val, None) is val and sample_batches(val, 100) is val  # 要的比全部还多：就用全部
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [(100.0, 500.0, torch.bfloat16), (100.0, 110.0, None),
+                                                  (100.0, 30.0, None)])
+def test_pick_autocast_dtype_uses_bf16_only_when_clearly_faster(monkeypatch, capsys, fp32, bf16, expected):
+    import shared.train as train
+    monkeypatch.setattr(train, "matmul_gflops", lambda dtype, device="cpu": bf16 if dtype == torch.bfloat16 else fp32)
+    assert train.pick_autocast_dtype("cpu", rounds=2) is expected
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and ("用 bf16 autocast" if expected else "保持 fp32") in out

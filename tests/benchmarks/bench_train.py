@@ -1,7 +1,7 @@
 """训练吞吐基准：本章的 shared.train.train_model 与朴素的 Hugging Face GPT2LMHeadModel 训练循环。
 
-两边完全相同的设置：cpu 档模型尺寸（4 层、192 维、4 头、上下文 128、词表 50257，QKV 带偏置、权重共享、无 dropout）、
-同一份随机初始权重（HF 模型由 export_gpt2_to_hf 从我们的模型导出）、同一批 Tiny Shakespeare 数据（8 × 128 token/步）、
+两边完全相同的设置：cpu 档模型尺寸（4 层、192 维、4 头、上下文 256、词表 50257，QKV 带偏置、权重共享、无 dropout）、
+同一份随机初始权重（HF 模型由 export_gpt2_to_hf 从我们的模型导出）、同一批 Tiny Shakespeare 数据（8 × 256 token/步）、
 AdamW(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)、梯度裁剪 1.0、fp32。交替测量 --rounds 轮，各取中位数。
 输出一个 JSON 对象：ours_tok_s、hf_tok_s 以及设置。
 用法：python tests/benchmarks/bench_train.py [--steps 20] [--rounds 3]
