@@ -44,6 +44,9 @@ def test_compare_matches_a_hand_computation():
     assert result["clear"]  # 0.09 > 2 * 0.0208
     noisy = compare([0.90, 0.80, 0.95], [0.85, 0.88, 0.79])
     assert not noisy["clear"]  # 均值差 0.01，远小于两倍标准误差
+    # 门槛正好是 2 个标准误差：se = sqrt(0.0004/3 * 2) ≈ 0.0163，差 0.030（约 1.8 se）不算，差 0.035（约 2.1 se）才算
+    assert not compare([0.90, 0.92, 0.94], [0.87, 0.89, 0.91])["clear"]
+    assert compare([0.90, 0.92, 0.94], [0.865, 0.885, 0.905])["clear"]
     with pytest.raises(ValueError, match="至少要 2 个种子"):
         compare([0.9], [0.8, 0.7])
 

@@ -65,14 +65,14 @@ def test_collate_instruction_default_pad_and_ignore_index():
 
 
 class LogitTable(nn.Module):
-    """手工构造的“模型”：不管输入是什么，都输出同一张 logits 表 (B, T, V)。"""
+    """手工构造的“模型”：不管输入是什么，都输出同一张 logits 表 (B, T, V)；keep 给定时像 GPTModel 一样只返回这些位置。"""
 
     def __init__(self, logits):
         super().__init__()
         self.logits = logits
 
-    def forward(self, idx):
-        return self.logits
+    def forward(self, idx, keep=None):
+        return self.logits if keep is None else self.logits[keep]
 
 
 def test_calc_loss_batch_averages_only_unmasked_targets():
