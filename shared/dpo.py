@@ -66,6 +66,14 @@ def collate_preference(batch, pad_id=EOT_ID, allowed_max_length=None):
     return out
 
 
+def response_mask(targets, ignore_index=IGNORE_INDEX):
+    """回答 token 的位置 targets != ignore_index；某一行一个都没有时报错（它的对数概率无从谈起）。"""
+    keep = targets != ignore_index
+    if not keep.any(dim=1).all():
+        raise ValueError("有序列没有任何回答 token（全部被屏蔽或截断），无法计算回答的对数概率")
+    return keep
+
+
 def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     """每条序列回答部分的对数概率之和 sum_t log p(targets[t])，跳过 targets == ignore_index 的位置。
 
@@ -73,8 +81,7 @@ def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     """
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} 与 targets {tuple(targets.shape)} 的前两维不一致")
-    if not (targets != ignore_index).any(dim=1).all():
-        raise ValueError("有序列没有任何回答 token（全部被屏蔽或截断），无法计算回答的对数概率")
+    response_mask(targets, ignore_index)  # 先检查每一行都有回答 token
     token_logprobs = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                       ignore_index=ignore_index, reduction="none")  # 被屏蔽的位置为 0
     return token_logprobs.view(targets.shape).sum(dim=1)
@@ -85,9 +92,7 @@ def sequence_logprobs(model, inputs, targets):
 
     只在回答位置算输出层（GPTModel 的 keep 参数），再按行求和：结果相同（浮点误差以内），计算少得多。
     """
-    keep = targets != IGNORE_INDEX
-    if not keep.any(dim=1).all():
-        raise ValueError("有序列没有任何回答 token（全部被屏蔽或截断），无法计算回答的对数概率")
+    keep = response_mask(targets)
     token_logprobs = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
     return token_logprobs.new_zeros(len(targets)).index_add(0, keep.nonzero()[:, 0], token_logprobs)
 

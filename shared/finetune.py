@@ -4,6 +4,8 @@
 第 5 章自己训练的检查点 →（两者都没有时）用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。
 同时提供同结构、随机初始化的对照模型，用来实测预训练到底带来了多少好处。
 """
+import torch
+
 from .checkpoint import ch05_checkpoint_path, load_model, save_checkpoint
 from .download import TINY_SHAKESPEARE, DownloadError, read_text
 from .gpt2_weights import load_gpt2
@@ -50,6 +52,16 @@ def load_base_model(profile=None, device="cpu", allow_fallback=True):
             save_checkpoint(path, pretrain_fallback(profile, device), step=FALLBACK_STEPS[profile])
     model = load_model(path, device)
     return model, model.cfg, source
+
+
+def shrink_for_gpt2_on_cpu(settings, overrides, cfg, device):
+    """起点是 GPT-2 规模的模型（emb_dim >= 768）而设备是 CPU 时，用 overrides 覆盖 settings 并打印一行说明。
+
+    各笔记本 cpu 配置档的方案是按第 5 章的小模型定的；GPT-2 124M 在 CPU 上每步要慢十倍以上。
+    """
+    if torch.device(device).type == "cpu" and cfg["emb_dim"] >= 768:
+        settings.update(overrides)
+        print("GPT-2 规模的模型在 CPU 上：改用", overrides)
 
 
 FALLBACK_STEPS = {"tiny": 30, "cpu": 60, "gpu": 1000}  # 兜底预训练的步数（cpu 档在 2 核上约几分钟）

@@ -10,7 +10,7 @@ from shared.classifier import (
     balanced_split, calc_accuracy, classify_text, collate_classification, confusion_matrix, evaluate_classifier,
     last_token_logits, load_sms_spam, replace_head_and_freeze, train_classifier,
 )
-from shared.finetune import load_base_model
+from shared.finetune import load_base_model, shrink_for_gpt2_on_cpu
 from shared.instruct import (
     collate_instruction, extract_response, format_input, format_prompt, generate_response, has_prompt_echo,
     instruct_checkpoint_path, is_well_formed, jaccard, load_instruction_data, minhash, near_duplicates, normalize_text,
@@ -387,3 +387,13 @@ def test_without_gpt2_the_fallback_is_taken_and_said_in_one_line(tmp_path, monke
     out = capsys.readouterr().out
     assert source == "ch05" and cfg == _small_cfg()
     assert out.count("\n") == 1 and "没有用 GPT-2 124M" in out and "LLM_ALLOW_DOWNLOAD=1" in out
+
+
+def test_shrink_for_gpt2_on_cpu_applies_only_to_gpt2_sized_models_on_the_cpu(capsys):
+    overrides = {"num_epochs": 1}
+    for cfg, device, changed in ((model_config("tiny"), "cpu", False), (model_config("gpt2-small (124M)"), "cuda", False),
+                                 (model_config("gpt2-small (124M)"), "cpu", True)):
+        settings = {"num_epochs": 3, "lr": 1e-3}
+        shrink_for_gpt2_on_cpu(settings, overrides, cfg, device)
+        assert settings == ({"num_epochs": 1, "lr": 1e-3} if changed else {"num_epochs": 3, "lr": 1e-3})
+        assert ("改用 {'num_epochs': 1}" in capsys.readouterr().out) == changed
