@@ -1,6 +1,5 @@
 """文本分类微调：SMS 垃圾短信数据、均衡分层切分、右侧填充、取最后一个真实 token 分类、
-换分类头并冻结、准确率与训练循环，在 06_finetuning/01_classification 中讲解。
-"""
+换分类头并冻结、准确率与训练循环，在 06_finetuning/01_classification 中讲解。"""
 import zipfile
 
 import numpy as np
@@ -35,24 +34,17 @@ def load_sms_spam():
 
 def balanced_split(df, fractions=(0.7, 0.1, 0.2), seed=123):
     """去重、把多数类下采样到与少数类同样多，再在每个类别内按 fractions 切分（分层）。
-
-    返回 {"train": df, "val": df, "test": df}，每份都已打乱且两类各占一半。
-    """
+    返回 {"train": df, "val": df, "test": df}，每份都已打乱且两类各占一半。"""
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-9:
         raise ValueError(f"fractions 应是三个加起来为 1 的比例，收到 {fractions}")
     df = df.drop_duplicates("text")
-    if df["text"].duplicated().any():
-        raise ValueError("去重后仍有文本重复")
     rng = np.random.default_rng(seed)
     n = df["label"].value_counts().min()
     n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
-    parts = {"train": [], "val": [], "test": []}
-    for _, group in df.groupby("label"):
-        rows = group.iloc[rng.permutation(len(group))[:n]]
-        parts["train"].append(rows.iloc[:n_train])
-        parts["val"].append(rows.iloc[n_train:n_train + n_val])
-        parts["test"].append(rows.iloc[n_train + n_val:])
-    return {name: pd.concat(p).sample(frac=1, random_state=seed).reset_index(drop=True) for name, p in parts.items()}
+    groups = [group.iloc[rng.permutation(len(group))[:n]] for _, group in df.groupby("label")]  # 每类随机取 n 条
+    cuts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, None)}
+    return {name: pd.concat([g.iloc[cut] for g in groups]).sample(frac=1, random_state=seed).reset_index(drop=True)
+            for name, cut in cuts.items()}
 
 
 class SpamDataset(Dataset):
@@ -77,8 +69,7 @@ def collate_classification(batch, pad_id=EOT_ID):
     input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
     for row, (ids, _) in enumerate(batch):
         input_ids[row, :len(ids)] = torch.tensor(ids)
-    labels = torch.tensor([label for _, label in batch])
-    return input_ids, lengths, labels
+    return input_ids, lengths, torch.tensor([label for _, label in batch])
 
 
 def last_token_logits(model, input_ids, lengths):
@@ -90,9 +81,7 @@ def last_token_logits(model, input_ids, lengths):
 
 def replace_head_and_freeze(model, num_classes=2, trainable_blocks=1):
     """把输出头换成 num_classes 类的线性层，并冻结其余参数：只训练最后 trainable_blocks 个块、final_norm 与新输出头。
-
-    trainable_blocks=None 表示不冻结任何参数（全部微调）。
-    """
+    trainable_blocks=None 表示不冻结任何参数（全部微调）。"""
     weight = model.tok_emb.weight
     model.requires_grad_(trainable_blocks is None)
     model.out_head = nn.Linear(model.cfg["emb_dim"], num_classes).to(weight.device, weight.dtype)
@@ -139,12 +128,8 @@ def evaluate_classifier(model, loader, device, max_batches=None):
 
 def train_classifier(model, train_loader, val_loader, optimizer, device, num_epochs, eval_every=25, eval_batches=5,
                      acc_batches=None, progress=True, autocast_dtype=None):
-    """分类微调：用第 5 章的 train_loop 训练 num_epochs 个 epoch，只换损失函数与每步之后的记录。
-
-    每 eval_every 步记录最近这些步的平均训练损失与验证集前 eval_batches 个批次的损失；
-    每个 epoch 结束时记录训练集（前 acc_batches 个批次，None 为全部）与完整验证集的准确率。返回 history 字典。
-    autocast_dtype（如第 5 章 pick_autocast_dtype 的结果）给定时，训练的前向用这种混合精度。
-    """
+    """分类微调：用第 5 章的 train_loop，只换损失函数与每步之后的记录。每 eval_every 步记录最近这些步的平均训练损失
+    与验证集前 eval_batches 个批次的损失；每个 epoch 末记录训练集（前 acc_batches 个批次）与验证集的准确率。"""
     history = {"step": [], "train_loss": [], "val_loss": [], "epoch_step": [], "train_acc": [], "val_acc": []}
     steps_per_epoch, recent = len(train_loader), []
 

@@ -1,13 +1,9 @@
 """数据下载：缓存、校验、原子写入，以及离线镜像。
-
-- 文件缓存在 ``LLM_CACHE_DIR``（默认是仓库根目录下被 git 忽略的 ``.cache/downloads``），
-  布局为 ``<缓存>/<主机名>/<URL 路径>``；
+- 文件缓存在 ``LLM_CACHE_DIR``（默认是仓库根目录下被 git 忽略的 ``.cache/downloads``），布局为 ``<缓存>/<主机名>/<URL 路径>``；
 - 若设置了 ``LLM_MIRROR``，则从 ``<镜像>/<主机名>/<URL 路径（已解码）>`` 读取，完全不联网；
 - 联网下载 huggingface.co 上的文件时，若设置了 ``HF_ENDPOINT``（例如国内镜像 ``https://hf-mirror.com``），
   改从那里下载；缓存与镜像里的位置仍按原始 URL，所以换不换镜像，找到的都是同一个文件；
-- 已知的 sha256 或大小会被校验；先写入临时文件，校验通过后再改名，
-  所以中途失败绝不会留下“看起来完整”的文件。
-"""
+- 已知的 sha256 与大小会被校验；先写入临时文件，校验通过后再改名，所以中途失败绝不会留下“看起来完整”的文件。"""
 import hashlib
 import os
 import shutil
@@ -27,9 +23,7 @@ SMS_SPAM_ZIP = "https://archive.ics.uci.edu/static/public/228/sms+spam+collectio
 INSTRUCTION_DATA = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
 PREFERENCE_DATA = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json"
 TANG_POEMS = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master/全唐诗/poet.tang.{start}.json"
-TANG_300 = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master/蒙学/tangshisanbaishou.json"
 WAIMAI_10K = "https://raw.githubusercontent.com/SophonPlus/ChineseNlpCorpus/master/datasets/waimai_10k/waimai_10k.csv"
-CHNSENTICORP_HOTEL = "https://raw.githubusercontent.com/SophonPlus/ChineseNlpCorpus/master/datasets/ChnSentiCorp_htl_all/ChnSentiCorp_htl_all.csv"
 
 KNOWN_FILES = {
     THE_VERDICT: ("b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20479),
@@ -38,9 +32,7 @@ KNOWN_FILES = {
     GPT2_ENCODER_JSON: ("196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", 1042301),
     INSTRUCTION_DATA: ("7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", 203524),
     PREFERENCE_DATA: ("305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e", 386968),
-    TANG_300: ("8423b65d938d0327e369972e790549b42609fa7ac4a2a72df59f4cb5a49c08f8", 148829),
     WAIMAI_10K: ("b8b5c11c00b51578d35937fca56e03a126b45381f1ea4b22893237cb377a26fe", 919380),
-    CHNSENTICORP_HOTEL: ("1d414b9c65caf3a836abdb4efded621968502ad3338e1a9d885ae131c86083f0", 2904858),
 }
 
 
@@ -78,12 +70,8 @@ def url_to_relpath(url):
 
 
 def _help_text(url):
-    rel = url_to_relpath(url)
-    return (
-        f"\n  URL: {url}"
-        f"\n  怎么办：联网后重试；或者把文件放到镜像目录 <镜像>/{rel.as_posix()}，"
-        f"并设置环境变量 {MIRROR_ENV}=<镜像目录>（见 README 的“离线镜像”一节）。"
-    )
+    return (f"\n  URL: {url}\n  怎么办：联网后重试；或者把文件放到镜像目录 <镜像>/{url_to_relpath(url).as_posix()}，"
+            f"并设置环境变量 {MIRROR_ENV}=<镜像目录>（见 README 的“离线镜像”一节）。")
 
 
 def verify_file(path, sha256=None, size=None):
@@ -129,30 +117,24 @@ def _fetch_from_network(url, dest, timeout):
 
 def download(url, sha256=None, size=None, timeout=30):
     """返回 ``url`` 对应文件的本地路径：命中缓存则直接返回，否则从镜像或网络获取。
-
-    对课程已知的数据集，sha256 与大小自动从 ``KNOWN_FILES`` 取得。
-    """
+    对课程已知的数据集，sha256 与大小自动从 ``KNOWN_FILES`` 取得。"""
     known_sha, known_size = KNOWN_FILES.get(url, (None, None))
     sha256, size = sha256 or known_sha, size or known_size
     dest = cache_dir() / url_to_relpath(url)
-
     if dest.exists():
         try:
             verify_file(dest, sha256, size)
             return dest
         except DownloadError:
             dest.unlink()  # 缓存已损坏：删掉重新获取
-
     mirror = mirror_dir()
 
     def fetch(tmp):
         if mirror is not None:
             source = mirror / url_to_relpath(url)
             if not source.is_file():
-                raise DownloadError(
-                    f"镜像中没有这个文件：{MIRROR_ENV} 指向的镜像里应有 {url_to_relpath(url).as_posix()}"
-                    f"（{MIRROR_ENV} 设置后不会联网）。" + _help_text(url)
-                )
+                raise DownloadError(f"镜像中没有这个文件：{MIRROR_ENV} 指向的镜像里应有 {url_to_relpath(url).as_posix()}"
+                                    f"（{MIRROR_ENV} 设置后不会联网）。" + _help_text(url))
             shutil.copyfile(source, tmp)
         else:
             try:

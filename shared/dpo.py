@@ -1,16 +1,13 @@
 """偏好对齐 (preference alignment)：直接偏好优化 (Direct Preference Optimization, DPO) 的数据集与整理函数、
-回答部分的序列对数概率、冻结的参考模型、DPO 损失与隐式奖励指标，以及 DPO 训练循环，
-在 06_finetuning/bonus_dpo 中讲解。
-"""
+回答部分的序列对数概率、冻结的参考模型、DPO 损失与隐式奖励指标，以及 DPO 训练循环，在 06_finetuning/bonus_dpo 中讲解。"""
 import copy
-import json
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .download import PREFERENCE_DATA, download
-from .instruct import collate_instruction, format_prompt
+from .download import PREFERENCE_DATA
+from .instruct import collate_instruction, format_prompt, load_instruction_data
 from .runtime import eval_mode
 from .tokenizer import EOT_ID
 from .train import IGNORE_INDEX, autocast, cosine_schedule, endless_batches, train_loop
@@ -21,19 +18,12 @@ from .train import IGNORE_INDEX, autocast, cosine_schedule, endless_batches, tra
 # ---- 06_finetuning/bonus_dpo.ipynb ----
 def load_preference_data():
     """读取 instruction-data-with-preference.json：每条有 instruction、input、output、chosen 与 rejected。"""
-    data = json.loads(download(PREFERENCE_DATA).read_text(encoding="utf-8"))
-    for i, entry in enumerate(data):
-        if not {"instruction", "input", "chosen", "rejected"} <= set(entry):
-            raise ValueError(f"第 {i} 条缺少 instruction/input/chosen/rejected 字段：{entry}")
-    return data
+    return load_instruction_data(PREFERENCE_DATA, ("instruction", "input", "chosen", "rejected"))
 
 
 class PreferenceDataset(Dataset):
-    """每条偏好样本编码为 (prompt_ids, chosen_ids, rejected_ids)，提示词用第 6 章的 format_prompt。
-
-    给出 max_length（模型的上下文长度）时，跳过“提示词 + 较长的回答”超过 max_length 个 token 的样本
-    （截断会切掉回答，偏好比较就不公平了）；跳过的条数记在 self.skipped。
-    """
+    """每条偏好样本编码为 (prompt_ids, chosen_ids, rejected_ids)，提示词用第 6 章的 format_prompt。给出 max_length 时，
+    跳过“提示词 + 较长的回答”超过它的样本（截断会切掉回答，偏好比较就不公平了），条数记在 self.skipped。"""
 
     def __init__(self, data, tokenizer, max_length=None):
         self.items, self.skipped = [], 0
@@ -53,11 +43,8 @@ class PreferenceDataset(Dataset):
 
 
 def collate_preference(batch, pad_id=EOT_ID, allowed_max_length=None):
-    """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets"}。
-
-    两边都由 collate_instruction(mask_prompt=True) 处理：目标右移一位，提示词与填充的目标为 IGNORE_INDEX，
-    只有回答 token 与回答后的第一个结束符留作目标。
-    """
+    """[(prompt_ids, chosen_ids, rejected_ids), ...] -> {"chosen_inputs", "chosen_targets", "rejected_inputs",
+    "rejected_targets"}：两边都由 collate_instruction(mask_prompt=True) 处理，只有回答 token 与其后的结束符留作目标。"""
     out = {}
     for name, k in (("chosen", 1), ("rejected", 2)):
         seqs = [(item[0] + item[k], len(item[0])) for item in batch]
@@ -76,9 +63,7 @@ def response_mask(targets, ignore_index=IGNORE_INDEX):
 
 def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     """每条序列回答部分的对数概率之和 sum_t log p(targets[t])，跳过 targets == ignore_index 的位置。
-
-    logits: (B, T, V)，targets: (B, T) -> (B,)。某一行没有任何回答 token 时报错。
-    """
+    logits: (B, T, V)，targets: (B, T) -> (B,)。某一行没有任何回答 token 时报错。"""
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} 与 targets {tuple(targets.shape)} 的前两维不一致")
     response_mask(targets, ignore_index)  # 先检查每一行都有回答 token
@@ -89,9 +74,7 @@ def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
 
 def sequence_logprobs(model, inputs, targets):
     """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)，即 response_logprobs(model(inputs), targets)。
-
-    只在回答位置算输出层（GPTModel 的 keep 参数），再按行求和：结果相同（浮点误差以内），计算少得多。
-    """
+    只在回答位置算输出层（GPTModel 的 keep 参数），再按行求和：结果相同（浮点误差以内），计算少得多。"""
     keep = response_mask(targets)
     token_logprobs = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
     return token_logprobs.new_zeros(len(targets)).index_add(0, keep.nonzero()[:, 0], token_logprobs)
@@ -99,17 +82,12 @@ def sequence_logprobs(model, inputs, targets):
 
 def frozen_copy(model):
     """参考模型：model 的深拷贝（不共享任何参数），eval 模式，所有参数 requires_grad=False。"""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     """DPO 损失：-log σ(β[(log π_c - log π_ref,c) - (log π_r - log π_ref,r)]) 的批平均。
-
-    四个输入都是形状 (B,) 的回答对数概率。返回 (loss, chosen_rewards, rejected_rewards)，
-    隐式奖励 β·(log π - log π_ref) 已 detach，只用于观察。
-    """
+    四个输入都是形状 (B,) 的回答对数概率。返回 (loss, chosen_rewards, rejected_rewards)，隐式奖励已 detach，只用于观察。"""
     if not beta > 0:
         raise ValueError(f"beta 必须 > 0，收到 {beta!r}")
     chosen_rewards = beta * (policy_chosen - ref_chosen)
@@ -121,13 +99,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
 def dpo_metrics(chosen_rewards, rejected_rewards):
     """由隐式奖励得到指标：DPO 损失、平均奖励、奖励间隔、偏好准确率（间隔 > 0 的比例，平局算一半）。"""
     margins = chosen_rewards - rejected_rewards
-    return {
-        "loss": -F.logsigmoid(margins).mean().item(),
-        "chosen_reward": chosen_rewards.mean().item(),
-        "rejected_reward": rejected_rewards.mean().item(),
-        "margin": margins.mean().item(),
-        "accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item(),
-    }
+    return {"loss": -F.logsigmoid(margins).mean().item(), "chosen_reward": chosen_rewards.mean().item(),
+            "rejected_reward": rejected_rewards.mean().item(), "margin": margins.mean().item(),
+            "accuracy": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()}
 
 
 def dpo_rewards(policy, reference, batch, device, beta):
@@ -164,11 +138,8 @@ def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *,
               eval_batches=None, max_lr=None, warmup_steps=0, grad_clip=1.0, seed=None, progress=True,
               autocast_dtype=None):
     """DPO 训练 num_epochs 个 epoch，返回 history：{"step": [...], "train_loss": [...], "val_margin": [...], ...}。
-
-    优化交给第 5 章的 train_loop，损失是 dpo_rewards 给出的 DPO 损失；max_lr 给定时学习率按 cosine_schedule 调度。
-    训练前、每 eval_every 步与最后一步之后，在训练集与验证集的前 eval_batches 个批次上评估 DPO_METRICS。
-    参考模型只做无梯度的前向，训练前后保持不变。autocast_dtype 给定时，训练的前向用这种混合精度。
-    """
+    优化交给第 5 章的 train_loop（max_lr 给定时按 cosine_schedule 调度）；训练前、每 eval_every 步与最后一步之后，
+    在训练集与验证集的前 eval_batches 个批次上评估 DPO_METRICS。"""
     if any(p.requires_grad for p in reference.parameters()):
         raise ValueError("参考模型的参数必须全部冻结（用 frozen_copy 创建）")
     max_steps = num_epochs * len(train_loader)
@@ -192,6 +163,6 @@ def train_dpo(policy, reference, train_loader, val_loader, optimizer, device, *,
     log(0)
     train_loop(policy, optimizer, endless_batches(train_loader),
                lambda batch: dpo_rewards(policy, reference, batch, device, beta)[0], range(max_steps),
-               lr_at=None if max_lr is None else cosine_schedule(max_lr, warmup_steps, max_steps),
-               grad_clip=grad_clip, amp=autocast(device, autocast_dtype), seed=seed, on_step=on_step, progress=progress, desc="dpo")
+               lr_at=None if max_lr is None else cosine_schedule(max_lr, warmup_steps, max_steps), grad_clip=grad_clip,
+               amp=autocast(device, autocast_dtype), seed=seed, on_step=on_step, progress=progress, desc="dpo")
     return history

@@ -1,13 +1,8 @@
 """把笔记本里标记为 ``#@save <模块名>`` 的单元格原样导出到 ``shared/<模块名>.py``。
-
 每个 shared 模块由两部分组成：手写的头部（模块说明与 import），以及 ``GENERATED_MARKER``
 之后由本脚本生成的部分。生成部分按笔记本路径顺序拼接各单元格的源码（去掉标记行）。
-
-只用标准库：没有安装 PyTorch 也能运行。用法::
-
-    python -m shared.export          # 重新生成
-    python -m shared.export --check  # 只检查，不一致时以非零状态退出（测试也这样做）
-"""
+只用标准库，没有安装 PyTorch 也能运行：``python -m shared.export`` 重新生成，
+``python -m shared.export --check`` 只检查，不一致时以非零状态退出（测试也这样做）。"""
 import argparse
 import json
 import re
@@ -30,16 +25,11 @@ def saved_cells(root=REPO_ROOT):
     """返回 {模块名: [(笔记本相对路径, 单元格源码), ...]}。"""
     cells = {}
     for path in notebooks(root):
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        for cell in nb["cells"]:
-            if cell["cell_type"] != "code":
-                continue
-            source = "".join(cell["source"])
-            first, _, body = source.partition("\n")
+        for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+            first, _, body = "".join(cell["source"]).partition("\n")
             m = SAVE_RE.match(first.strip())
-            if m:
-                rel = path.relative_to(root).as_posix()
-                cells.setdefault(m.group(1), []).append((rel, body.strip("\n")))
+            if m and cell["cell_type"] == "code":
+                cells.setdefault(m.group(1), []).append((path.relative_to(root).as_posix(), body.strip("\n")))
     return cells
 
 
@@ -59,25 +49,22 @@ def render(module_text, blocks):
 
 def stale_modules(root=REPO_ROOT, write=False, only=None):
     """返回与笔记本不一致的模块列表；``write=True`` 时顺便改写它们（``only`` 可限定模块名）。
-
-    一个模块若找不到任何 #@save 单元格，只报告、不改写，以免误删尚未写好的笔记本对应的代码。
-    """
+    一个模块若找不到任何 #@save 单元格，只报告、不改写，以免误删尚未写好的笔记本对应的代码。"""
     problems = []
     cells = saved_cells(root)
     generated = {p.stem for p in SHARED_DIR.glob("*.py") if GENERATED_MARKER in p.read_text(encoding="utf-8")}
     for module in sorted(set(cells) | generated - {"export"}):
         if only and module not in only:
             continue
-        blocks = cells.get(module, [])
         target = SHARED_DIR / f"{module}.py"
-        if not target.exists() or GENERATED_MARKER not in target.read_text(encoding="utf-8"):
+        old = target.read_text(encoding="utf-8") if target.exists() else ""
+        if GENERATED_MARKER not in old:
             problems.append(f"{module}: shared/{module}.py 不存在或缺少生成标记行（先手写模块头部）")
             continue
-        old = target.read_text(encoding="utf-8")
-        new = render(old, blocks)
+        new = render(old, cells.get(module, []))
         if new != old:
             problems.append(f"{module}: shared/{module}.py 与笔记本的 #@save 单元格不一致")
-            if write and blocks:
+            if write and module in cells:
                 target.write_text(new, encoding="utf-8")
     return problems
 

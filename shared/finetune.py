@@ -1,9 +1,6 @@
-"""微调的起点模型，在 06_finetuning/01_classification 中讲解；第 6、7 章与 DPO 番外共用。
-
-按优先级取得“预训练好的”起点：真实 GPT-2 124M 权重（本机有，或 LLM_ALLOW_DOWNLOAD=1 时下载）→
-第 5 章自己训练的检查点 →（两者都没有时）用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。
-同时提供同结构、随机初始化的对照模型，用来实测预训练到底带来了多少好处。
-"""
+"""微调的起点模型，在 06_finetuning/01_classification 中讲解；第 6、7 章与 DPO 选读笔记本共用。按优先级取得“预训练好的”
+起点：真实 GPT-2 124M 权重（本机有，或 LLM_ALLOW_DOWNLOAD=1 时下载）→ 第 5 章自己训练的检查点 →（两者都没有时）
+用 shared.train 在 Tiny Shakespeare 上做一次简短预训练并缓存。同时提供同结构、随机初始化的对照模型。"""
 import torch
 
 from .checkpoint import ch05_checkpoint_path, load_model, save_checkpoint
@@ -19,8 +16,7 @@ from .train import configure_optimizer, token_loader, train_model
 
 # ---- 06_finetuning/01_classification.ipynb ----
 SOURCE_NAMES = {
-    "gpt2": "OpenAI 发布的 GPT-2 124M 预训练权重",
-    "ch05": "第 5 章训练的检查点",
+    "gpt2": "OpenAI 发布的 GPT-2 124M 预训练权重", "ch05": "第 5 章训练的检查点",
     "fallback": "第 5 章的检查点不存在，本章就地做的简短预训练（Tiny Shakespeare）",
 }
 
@@ -33,10 +29,8 @@ def random_init_model(cfg, seed=123):
 
 def load_base_model(profile=None, device="cpu", allow_fallback=True):
     """返回 (model, cfg, source)：微调的起点模型（eval 模式）、它的配置，以及来源 "gpt2" / "ch05" / "fallback"。
-
     任何配置档都先找 GPT-2 124M：本机有（或 LLM_ALLOW_DOWNLOAD=1 时能下载到）就用它；否则用一行话说明原因，
-    改用第 5 章在该配置档下训练的检查点；它也不存在时，就地做一次简短预训练（allow_fallback=False 时报错）。
-    """
+    改用第 5 章在该配置档下训练的检查点；它也不存在时，就地做一次简短预训练（allow_fallback=False 时报错）。"""
     profile = get_profile(profile)
     try:
         model, cfg = load_gpt2("gpt2", device=device)
@@ -56,9 +50,7 @@ def load_base_model(profile=None, device="cpu", allow_fallback=True):
 
 def shrink_for_gpt2_on_cpu(settings, overrides, cfg, device):
     """起点是 GPT-2 规模的模型（emb_dim >= 768）而设备是 CPU 时，用 overrides 覆盖 settings 并打印一行说明。
-
-    各笔记本 cpu 配置档的方案是按第 5 章的小模型定的；GPT-2 124M 在 CPU 上每步要慢十倍以上。
-    """
+    各笔记本 cpu 配置档的方案是按第 5 章的小模型定的；GPT-2 124M 在 CPU 上每步要慢十倍以上。"""
     if torch.device(device).type == "cpu" and cfg["emb_dim"] >= 768:
         settings.update(overrides)
         print("GPT-2 规模的模型在 CPU 上：改用", overrides)

@@ -25,8 +25,7 @@ def safetensors_index(folder):
     if (folder / INDEX_FILE).is_file():
         weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
-    raise FileNotFoundError(f"{folder} 里既没有 {SINGLE_FILE}，也没有分片索引 {INDEX_FILE}"
-                            "（不是 Hugging Face safetensors 格式的检查点？）")
+    raise FileNotFoundError(f"{folder} 里既没有 {SINGLE_FILE}，也没有分片索引 {INDEX_FILE}（不是 Hugging Face safetensors 格式的检查点？）")
 
 
 def is_hf_checkpoint(folder):
@@ -42,11 +41,8 @@ def find_hf_checkpoint(repo, local_dir=None):
 
 def load_hf_weights(model, folder, rename, dtype=None, device="cpu"):
     """把 Hugging Face safetensors 检查点（单文件或分片）读入 model（通常在 meta 设备上构建），返回 model。
-
-    rename(hf_name) 返回我们的名字，或 None 表示跳过。张量逐个读出、转成 dtype（默认为模型里该参数的类型）、
-    放到 device 上，再由 load_weights(assign=True) 核对名字与形状并直接设为参数，峰值内存约为一份模型。
-    与 transformers 相同：cfg["tie_embeddings"] 为真时忽略检查点里的 lm_head。最后 init_buffers() 重建 RoPE 表。
-    """
+    rename(hf_name) 返回我们的名字，或 None 表示跳过。张量逐个读出、转成 dtype（默认为模型里该参数的类型）放到 device 上，
+    由 load_weights(assign=True) 核对后直接设为参数；与 transformers 相同，tie_embeddings 时忽略 lm_head。最后重建 RoPE 表。"""
     own = model.state_dict(keep_vars=True)
     tied = model.cfg.get("tie_embeddings", False)
     sources = {}  # 我们的名字 -> (HF 的名字, 文件)

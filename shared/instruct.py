@@ -1,7 +1,6 @@
 """指令微调：Alpaca 提示词格式、近似重复检测（MinHash + LSH）、自定义整理函数（动态填充、右移目标、-100 掩码、提示词掩码）、
 回答生成与提取、格式检查、ROUGE-L / token-F1、指令模型的保存，以及可选的本地 Ollama 评审，
-在 06_finetuning/02_instruction 中讲解。
-"""
+在 06_finetuning/02_instruction 中讲解。"""
 import hashlib
 import itertools
 import json
@@ -26,12 +25,12 @@ from .train import IGNORE_INDEX
 
 
 # ---- 06_finetuning/02_instruction.ipynb ----
-def load_instruction_data():
-    """读取 instruction-data.json：由 {"instruction", "input", "output"} 字典组成的列表。"""
-    data = json.loads(download(INSTRUCTION_DATA).read_text(encoding="utf-8"))
+def load_instruction_data(url=INSTRUCTION_DATA, fields=("instruction", "input", "output")):
+    """读取 instruction-data.json（或 url 处同样格式的文件）：每条都含 fields 各字段的字典组成的列表。"""
+    data = json.loads(download(url).read_text(encoding="utf-8"))
     for i, entry in enumerate(data):
-        if not {"instruction", "input", "output"} <= set(entry):
-            raise ValueError(f"第 {i} 条缺少 instruction/input/output 字段：{entry}")
+        if not set(fields) <= set(entry):
+            raise ValueError(f"第 {i} 条缺少 {'/'.join(fields)} 字段：{entry}")
     return data
 
 
@@ -89,9 +88,7 @@ def minhash(items, num_hashes=64, seed=0):
 
 def near_duplicates(texts, threshold=0.8, n=3, num_hashes=64, bands=16):
     """Jaccard 相似度 >= threshold 的文本对 [(i, j, J), ...]，i < j，按 J 从大到小排列。
-
-    先用 MinHash + LSH（签名切成 bands 段，任一段相同即为候选）找候选对，再对候选对精确计算 Jaccard。
-    """
+    先用 MinHash + LSH（签名切成 bands 段，任一段相同即为候选）找候选对，再对候选对精确计算 Jaccard。"""
     if num_hashes % bands:
         raise ValueError(f"num_hashes={num_hashes} 必须能被 bands={bands} 整除")
     sets = [shingles(t, n) for t in texts]
@@ -114,8 +111,7 @@ class InstructionDataset(Dataset):
         self.items = []
         for entry in data:
             prompt = tokenizer.encode(format_prompt(entry))
-            response = tokenizer.encode(entry["output"])
-            self.items.append((prompt + response, len(prompt)))
+            self.items.append((prompt + tokenizer.encode(entry["output"]), len(prompt)))
 
     def __len__(self):
         return len(self.items)
@@ -126,18 +122,15 @@ class InstructionDataset(Dataset):
 
 def collate_instruction(batch, pad_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, mask_prompt=False):
     """[(token_ids, prompt_len), ...] -> (inputs, targets)，形状都是 (B, T)，T = 本批最长序列长度（再截断）。
-
-    目标 = 输入右移一位；第一个结束符之后的填充、以及（mask_prompt=True 时）提示词部分的目标都记为 ignore_index。
-    """
+    目标 = 输入右移一位；第一个结束符之后的填充、以及（mask_prompt=True 时）提示词部分的目标都记为 ignore_index。"""
     if any(len(ids) == 0 for ids, _ in batch):
         raise ValueError("批次中有空序列")
     width = max(len(ids) for ids, _ in batch)
     inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
     for row, (ids, prompt_len) in enumerate(batch):
-        n = len(ids)
-        inputs[row, :n] = torch.tensor(ids)
-        targets[row, :n] = torch.tensor(list(ids[1:]) + [pad_id])  # 右移一位，最后一个目标是结束符
+        inputs[row, :len(ids)] = torch.tensor(ids)
+        targets[row, :len(ids)] = torch.tensor(list(ids[1:]) + [pad_id])  # 右移一位，最后一个目标是结束符
         if mask_prompt:
             targets[row, :prompt_len - 1] = ignore_index
     if allowed_max_length is not None:
@@ -149,8 +142,7 @@ def extract_response(full_text, prompt):
     """从“提示词 + 生成内容”的解码文本中取出回答：去掉提示词前缀、开头多余的 "### Response:" 标题与首尾空白。"""
     if not full_text.startswith(prompt):
         raise ValueError("生成的文本不以提示词开头；请传入完整的解码结果与同一个提示词")
-    response = full_text[len(prompt):]
-    response = response.split("<|endoftext|>")[0]
+    response = full_text[len(prompt):].split("<|endoftext|>")[0]
     return response.removeprefix("### Response:").strip()
 
 
@@ -197,16 +189,18 @@ def words(text):
     return re.findall(r"\w+", text.lower())
 
 
-def token_f1(prediction, reference):
-    """词袋 F1（SQuAD 式）：按公共单词的个数算精确率与召回率。两者都为空时为 1，只有一方为空时为 0。"""
-    pred, ref = words(prediction), words(reference)
-    if not pred or not ref:
+def f1_score(common, pred, ref):
+    """精确率 common/len(pred) 与召回率 common/len(ref) 的调和平均；两者都为空时为 1，只有一方为空或 common=0 时为 0。"""
+    if not pred or not ref or common == 0:
         return float(pred == ref)
-    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
-    if common == 0:
-        return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction, reference):
+    """词袋 F1（SQuAD 式）：公共单词的个数（按出现次数计）作为 f1_score 的 common。"""
+    pred, ref = words(prediction), words(reference)
+    return f1_score(sum(min(pred.count(w), ref.count(w)) for w in set(pred)), pred, ref)
 
 
 def lcs_length(a, b):
@@ -221,15 +215,9 @@ def lcs_length(a, b):
 
 
 def rouge_l(prediction, reference):
-    """ROUGE-L F1：基于单词级最长公共子序列的精确率与召回率的调和平均。空串规则同 token_f1。"""
+    """ROUGE-L F1：单词级最长公共子序列的长度作为 f1_score 的 common。"""
     pred, ref = words(prediction), words(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return f1_score(lcs_length(pred, ref), pred, ref)
 
 
 OLLAMA_URL = "http://localhost:11434"
@@ -253,6 +241,5 @@ def ollama_score(entry, response, model, url=OLLAMA_URL, timeout=120):
                           "options": {"temperature": 0, "seed": 123}}).encode("utf-8")
     request = urllib.request.Request(f"{url}/api/generate", data=payload, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as r:
-        text = json.loads(r.read())["response"]
-    match = re.search(r"\d+", text)
+        match = re.search(r"\d+", json.loads(r.read())["response"])
     return min(100, int(match.group())) if match else None

@@ -23,17 +23,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(emb_dim, dtype=dtype))
 
     def forward(self, x):
-        input_dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        x32 = x.to(torch.float32)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class FeedForward(nn.Module):
     """SwiGLU 前馈网络：fc3(silu(fc1(x)) * fc2(x))，没有偏置；fc1 = gate，fc2 = up，fc3 = down。
-
-    隐藏层宽度默认为 cfg["hidden_dim"]；hidden_dim 参数可以覆盖它（例如 MoE 的专家更窄）。
-    """
+    隐藏层宽度默认为 cfg["hidden_dim"]；hidden_dim 参数可以覆盖它（例如 MoE 的专家更窄）。"""
 
     def __init__(self, cfg, hidden_dim=None):
         super().__init__()
@@ -49,9 +45,8 @@ class FeedForward(nn.Module):
 
 def llama3_scale_frequencies(inv_freq, freq_config):
     """Llama 3 的 RoPE 频率缩放 (rope_type "llama3")：高频不变，低频除以 factor，中间平滑过渡。"""
-    factor = freq_config["factor"]
+    factor, old_len = freq_config["factor"], freq_config["original_context_length"]
     low, high = freq_config["low_freq_factor"], freq_config["high_freq_factor"]
-    old_len = freq_config["original_context_length"]
     low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
@@ -63,17 +58,13 @@ def llama3_scale_frequencies(inv_freq, freq_config):
 
 def compute_rope_params(head_dim, theta_base=10_000.0, context_length=4096, freq_config=None, dtype=torch.float32):
     """RoPE 的 cos、sin 表，形状都是 (context_length, head_dim)，HF 的 rotate-half 布局（两半重复同样的角度）。
-
-    freq_config：Llama 3 的频率缩放参数（factor、low_freq_factor、high_freq_factor、original_context_length），
-    None 表示不缩放。角度在 float32 中计算，最后转成 dtype。
-    """
+    freq_config：Llama 3 的频率缩放参数，None 表示不缩放。角度在 float32 中计算，最后转成 dtype。"""
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} 必须是偶数（RoPE 把维度两两配对旋转）")
     inv_freq = 1.0 / (theta_base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if freq_config is not None:
         inv_freq = llama3_scale_frequencies(inv_freq, freq_config)
-    angles = torch.arange(context_length, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=1)
+    angles = (torch.arange(context_length, dtype=torch.float32)[:, None] * inv_freq[None, :]).repeat(1, 2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -82,8 +73,7 @@ def apply_rope(x, cos, sin, offset=0):
     T, head_dim = x.shape[-2], x.shape[-1]
     if offset + T > cos.shape[0]:
         raise ValueError(f"位置 {offset + T - 1} 超出了 RoPE 表的长度 {cos.shape[0]}（context_length）")
-    cos = cos[offset:offset + T].to(x.dtype)  # 与 HF 相同：先把 cos、sin 转成 x 的类型
-    sin = sin[offset:offset + T].to(x.dtype)
+    cos, sin = cos[offset:offset + T].to(x.dtype), sin[offset:offset + T].to(x.dtype)  # 与 HF 相同：先转成 x 的类型
     x1, x2 = x[..., :head_dim // 2], x[..., head_dim // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -91,10 +81,7 @@ def apply_rope(x, cos, sin, offset=0):
 
 class GroupedQueryAttention(nn.Module):
     """分组查询注意力：num_heads 个查询头，每 num_heads // num_kv_groups 个共享一组 K、V；因果；q、k 经过 RoPE。
-
-    forward(x, cos, sin, cache=None, layer=0)：x (b, T, d_in)。有缓存时 x 只含新 token，位置从 cache.pos 开始，
-    旋转后的 K 与 V（num_kv_groups 个头）通过 cache.update(layer, k, v) 写入缓存；cache.pos 由模型在所有层之后前移。
-    """
+    x (b, T, d_in)；有缓存时 x 只含新 token，位置从 cache.pos 开始，旋转后的 K、V 写入缓存（cache.pos 由模型前移）。"""
 
     def __init__(self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, norm_eps=1e-6, dtype=None):
         super().__init__()
@@ -126,12 +113,9 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # 每组 K、V 复制给组内的 group_size 个查询头：(b, n_kv, S, d_h) -> (b, n_heads, S, d_h)
-        k = k.repeat_interleave(self.group_size, dim=1)
-        v = v.repeat_interleave(self.group_size, dim=1)
-        if T == 1:
-            context = F.scaled_dot_product_attention(q, k, v)
-        elif start == 0:
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k, v = k.repeat_interleave(self.group_size, dim=1), v.repeat_interleave(self.group_size, dim=1)
+        if start == 0 or T == 1:  # 从头算：普通的因果注意力；只有一个新 token：它能看见全部缓存
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)
         else:  # 分块送入：新 token i（绝对位置 start+i）看见位置 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -145,10 +129,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         dtype = cfg.get("dtype")
         self.norm1 = RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"], dtype=dtype)
-        self.att = GroupedQueryAttention(
-            cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"], head_dim=cfg.get("head_dim"),
-            qk_norm=cfg.get("qk_norm", False), norm_eps=cfg["norm_eps"], dtype=dtype,
-        )
+        self.att = GroupedQueryAttention(cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"],
+                                         head_dim=cfg.get("head_dim"), qk_norm=cfg.get("qk_norm", False),
+                                         norm_eps=cfg["norm_eps"], dtype=dtype)
         self.norm2 = RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"], dtype=dtype)
         self.ff = FeedForward(cfg) if ff is None else ff
 
@@ -166,9 +149,8 @@ class Llama3Model(nn.Module):
         dtype = cfg.get("dtype")
         self.head_dim = cfg.get("head_dim") or cfg["emb_dim"] // cfg["n_heads"]
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=dtype)
-        self.trf_blocks = nn.ModuleList(
-            [TransformerBlock(cfg, ff=self.make_feed_forward(cfg, i)) for i in range(cfg["n_layers"])]
-        )
+        self.trf_blocks = nn.ModuleList([TransformerBlock(cfg, ff=self.make_feed_forward(cfg, i))
+                                         for i in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"], dtype=dtype)
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=dtype)
         if cfg.get("tie_embeddings", False):
@@ -205,10 +187,8 @@ class Llama3Model(nn.Module):
         b, T = in_idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg["context_length"]:
-            raise ValueError(
-                f"序列长度 {start + T}（缓存中 {start} 个 + 新输入 {T} 个）超过上下文长度 "
-                f"context_length={self.cfg['context_length']}；请截断输入"
-            )
+            raise ValueError(f"序列长度 {start + T}（缓存中 {start} 个 + 新输入 {T} 个）超过上下文长度 "
+                             f"context_length={self.cfg['context_length']}；请截断输入")
         if cache is not None:
             cache.check_room(b, T)
         x = self.tok_emb(in_idx)
@@ -219,30 +199,23 @@ class Llama3Model(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-LLAMA32_CONFIGS = {
-    # 取自 meta-llama/Llama-3.2-1B 与 Llama-3.2-3B 的 config.json
-    "1B": dict(vocab_size=128_256, context_length=131_072, emb_dim=2048, n_heads=32, n_kv_groups=8, n_layers=16,
-               hidden_dim=8192, head_dim=64, rope_base=500_000.0, norm_eps=1e-5, qk_norm=False,
-               tie_embeddings=True, dtype=torch.bfloat16,
-               rope_freq=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192)),
-    "3B": dict(vocab_size=128_256, context_length=131_072, emb_dim=3072, n_heads=24, n_kv_groups=8, n_layers=28,
-               hidden_dim=8192, head_dim=128, rope_base=500_000.0, norm_eps=1e-5, qk_norm=False,
-               tie_embeddings=True, dtype=torch.bfloat16,
-               rope_freq=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192)),
-}
+def _llama32(emb_dim, n_heads, n_layers, head_dim):
+    """Llama 3.2 各尺寸共同的设置（取自 meta-llama/Llama-3.2-1B 与 Llama-3.2-3B 的 config.json）。"""
+    return dict(vocab_size=128_256, context_length=131_072, emb_dim=emb_dim, n_heads=n_heads, n_kv_groups=8,
+                n_layers=n_layers, hidden_dim=8192, head_dim=head_dim, rope_base=500_000.0, norm_eps=1e-5,
+                qk_norm=False, tie_embeddings=True, dtype=torch.bfloat16,
+                rope_freq=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192))
 
 
-LLAMA_LAYER_NAMES = {  # HF 的 model.layers.{i}.<名字> -> 我们的 trf_blocks.{i}.<名字>
-    "input_layernorm.weight": "norm1.weight",
-    "self_attn.q_proj.weight": "att.W_query.weight",
-    "self_attn.k_proj.weight": "att.W_key.weight",
-    "self_attn.v_proj.weight": "att.W_value.weight",
-    "self_attn.o_proj.weight": "att.out_proj.weight",
-    "self_attn.q_norm.weight": "att.q_norm.weight",  # 只有 qk_norm 的模型（如 Qwen3）才有
-    "self_attn.k_norm.weight": "att.k_norm.weight",
-    "post_attention_layernorm.weight": "norm2.weight",
-    "mlp.gate_proj.weight": "ff.fc1.weight",
-    "mlp.up_proj.weight": "ff.fc2.weight",
+LLAMA32_CONFIGS = {"1B": _llama32(2048, 32, 16, 64), "3B": _llama32(3072, 24, 28, 128)}
+
+
+LLAMA_LAYER_NAMES = {  # HF 的 model.layers.{i}.<名字> -> 我们的 trf_blocks.{i}.<名字>；q_norm、k_norm 只有 Qwen3 等才有
+    "input_layernorm.weight": "norm1.weight", "post_attention_layernorm.weight": "norm2.weight",
+    "self_attn.q_proj.weight": "att.W_query.weight", "self_attn.k_proj.weight": "att.W_key.weight",
+    "self_attn.v_proj.weight": "att.W_value.weight", "self_attn.o_proj.weight": "att.out_proj.weight",
+    "self_attn.q_norm.weight": "att.q_norm.weight", "self_attn.k_norm.weight": "att.k_norm.weight",
+    "mlp.gate_proj.weight": "ff.fc1.weight", "mlp.up_proj.weight": "ff.fc2.weight",
     "mlp.down_proj.weight": "ff.fc3.weight",
 }
 
@@ -261,45 +234,34 @@ def hf_to_llama_name(hf_name):
     return hf_name  # 未知的名字原样返回，load_hf_weights 会报“模型里没有这个参数”
 
 
-def _rope_settings(hf_config):
-    """(rope_base, rope_freq)：接受 transformers 5 的 rope_parameters，也接受旧的 rope_theta + rope_scaling。"""
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type == "llama3":
-        return float(theta), dict(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                                  high_freq_factor=rope["high_freq_factor"],
-                                  original_context_length=rope["original_max_position_embeddings"])
-    raise ValueError(f"不支持的 RoPE 缩放 rope_type={rope_type!r}（只实现了 default 与 llama3）")
-
-
 def llama_config_from_hf(hf_config):
-    """把 HF 的 Llama config.json（字典）换成 Llama3Model 的配置；遇到不支持的设置直接报错。"""
+    """把 HF 的 Llama config.json（字典）换成 Llama3Model 的配置；遇到不支持的设置直接报错。
+    RoPE 的设置接受 transformers 5 的 rope_parameters，也接受旧的 rope_theta + rope_scaling。"""
     for key, expected in [("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)]:
         if hf_config.get(key, expected) != expected:
             raise ValueError(f"不支持的设置 {key}={hf_config[key]!r}（Llama3Model 对应 {expected!r}）")
-    rope_base, rope_freq = _rope_settings(hf_config)
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_base = float(rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"不支持的 RoPE 缩放 rope_type={rope_type!r}（只实现了 default 与 llama3）")
+    rope_freq = None if rope_type == "default" else dict(
+        factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
+        original_context_length=rope["original_max_position_embeddings"])
     n_heads = hf_config["num_attention_heads"]
-    return dict(
-        vocab_size=hf_config["vocab_size"], context_length=hf_config["max_position_embeddings"],
-        emb_dim=hf_config["hidden_size"], n_heads=n_heads,
-        n_kv_groups=hf_config.get("num_key_value_heads") or n_heads, n_layers=hf_config["num_hidden_layers"],
-        hidden_dim=hf_config["intermediate_size"],
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // n_heads,
-        rope_base=rope_base, rope_freq=rope_freq, norm_eps=hf_config.get("rms_norm_eps", 1e-6), qk_norm=False,
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)), dtype=None,
-    )
+    return dict(vocab_size=hf_config["vocab_size"], context_length=hf_config["max_position_embeddings"],
+                emb_dim=hf_config["hidden_size"], n_heads=n_heads,
+                n_kv_groups=hf_config.get("num_key_value_heads") or n_heads, n_layers=hf_config["num_hidden_layers"],
+                hidden_dim=hf_config["intermediate_size"],
+                head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // n_heads,
+                rope_base=rope_base, rope_freq=rope_freq, norm_eps=hf_config.get("rms_norm_eps", 1e-6), qk_norm=False,
+                tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)), dtype=None)
 
 
 def load_llama(folder, dtype=torch.float32, device="cpu", model_cls=Llama3Model, config_from_hf=llama_config_from_hf,
                rename=hf_to_llama_name):
     """读取 HF 格式的 Llama 检查点目录（config.json + safetensors），返回 (eval 模式的 Llama3Model, cfg)。
-
-    模型先在 meta 设备上构建，再由 load_hf_weights 逐个张量读入，峰值内存约为一份模型。
-    结构相同、只是配置与张量名不同的模型（如 Qwen3）换掉 model_cls、config_from_hf、rename 即可复用。
-    """
+    模型先在 meta 设备上构建、再逐个张量读入（峰值内存约一份模型）；Qwen3 等结构相同的模型换掉 model_cls、config_from_hf、rename 即可复用。"""
     folder = Path(folder)
     cfg = config_from_hf(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     cfg["dtype"] = dtype

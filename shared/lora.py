@@ -42,9 +42,7 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        if self.merged:
-            return self.linear(x)
-        return self.linear(x) + self.lora(x)
+        return self.linear(x) if self.merged else self.linear(x) + self.lora(x)
 
     @torch.no_grad()
     def merge(self):
@@ -65,8 +63,6 @@ MLP_TARGETS = ("ff.layers.0", "ff.layers.2")
 
 def replace_linear_with_lora(model, rank, alpha, target_modules=ATTENTION_TARGETS):
     """把名字以 target_modules 中任一项结尾的 nn.Linear 换成 LinearWithLoRA，返回被替换的模块名列表。"""
-    if rank <= 0:
-        raise ValueError(f"LoRA 的秩 rank 必须是正整数，收到 {rank!r}")
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.endswith(tuple(target_modules))]
     if not targets:
@@ -82,8 +78,7 @@ def freeze_except_lora(model):
     """冻结全部参数，只让 LoRA 的 A、B 可训练；返回 (可训练参数量, 总参数量)。"""
     for name, p in model.named_parameters():
         p.requires_grad = ".lora." in f".{name}"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
 def set_merged(model, merged):
@@ -106,7 +101,5 @@ def save_adapter(model, path, metadata=None):
 
 def load_adapter(model, path):
     """把 save_adapter 保存的 A、B 载入一个已经 replace_linear_with_lora 过的模型。
-
-    用第 5 章的 load_weights 只核对、只读入 LoRA 参数：名字或形状不符时报错并写明是哪个张量。
-    """
+    用第 5 章的 load_weights 只核对、只读入 LoRA 参数：名字或形状不符时报错并写明是哪个张量。"""
     load_weights(model, load_file(str(path)), only=lora_state_dict(model))

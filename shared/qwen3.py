@@ -36,10 +36,8 @@ QWEN3_REPOS = {name: f"Qwen/Qwen3-{name}" for name in QWEN3_CONFIGS}  # 预设�
 
 class MoEFeedForward(nn.Module):
     """Qwen3-MoE 的前馈层：路由器 gate 为每个 token 选 top-k 个专家（SwiGLU），输出按路由权重加权求和。
-
     forward 之后：last_counts (num_experts,) 是每个专家分到的 token 数（不求导），
-    aux_loss 是 Switch Transformer 式的负载均衡损失 E * sum_e f_e * P_e（均匀时为 1，可求导）。
-    """
+    aux_loss 是 Switch Transformer 式的负载均衡损失 E * sum_e f_e * P_e（均匀时为 1，可求导）。"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -114,19 +112,14 @@ def parameter_counts(model):
     """{"total", "embedding", "active"}：共享的张量只算一次；embedding 含不共享时的输出层；
     active 是每个 token 实际用到的参数（MoE 层只算 top-k 个专家）。"""
     total = sum(p.numel() for p in model.parameters())  # parameters() 对共享的参数只返回一次
-    embedding = model.tok_emb.weight.numel()
-    if model.out_head.weight is not model.tok_emb.weight:
-        embedding += model.out_head.weight.numel()
-    idle = sum((m.num_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
-               for m in moe_layers(model))
+    embedding = sum(w.numel() for w in {model.tok_emb.weight, model.out_head.weight})  # 共享时集合里只有一个
+    idle = sum((m.num_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
     return dict(total=total, embedding=embedding, active=total - idle)
 
 
 def preset_parameter_counts(cfg):
     """不建整个模型也能得到 parameter_counts：在 meta 设备上只建 1 层与 2 层的模型，差值就是一层的参数量。
-
-    只在各层结构相同时成立（Qwen3 的所有预设都是如此）；否则退回到建整个模型。
-    """
+    只在各层结构相同时成立（Qwen3 的所有预设都是如此）；否则退回到建整个模型。"""
     with torch.device("meta"):
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             return parameter_counts(Qwen3Model(cfg))
@@ -162,12 +155,10 @@ _SWIGLU = {"gate": "fc1", "up": "fc2", "down": "fc3"}
 
 def hf_to_qwen3_name(hf_name):
     """HF Qwen3 / Qwen3-MoE 的张量名 -> Qwen3Model 的参数名；MoE 之外的名字与 Llama 相同。"""
-    m = _EXPERT_NAME.fullmatch(hf_name)
-    if m:
+    if m := _EXPERT_NAME.fullmatch(hf_name):
         layer, expert, proj = m.groups()
         return f"trf_blocks.{layer}.ff.experts.{expert}.{_SWIGLU[proj]}.weight"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.weight", hf_name)
-    if m:
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.gate\.weight", hf_name):
         return f"trf_blocks.{m.group(1)}.ff.gate.weight"
     if re.fullmatch(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)", hf_name):
         raise ValueError(f"张量 {hf_name!r} 是 transformers 内存里的合并格式；请用 save_pretrained 存盘的"
@@ -182,7 +173,5 @@ def find_qwen3(name="0.6B", local_dir=None):
 
 def load_qwen3(folder, dtype=torch.float32, device="cpu"):
     """读取 HF 格式的 Qwen3 / Qwen3-MoE 检查点目录（单文件或分片），返回 (eval 模式的 Qwen3Model, cfg)。
-
-    流程与 load_llama 完全相同（meta 设备 + 逐个张量读入），只换模型类、配置转换与张量名。
-    """
+    流程与 load_llama 完全相同（meta 设备 + 逐个张量读入），只换模型类、配置转换与张量名。"""
     return load_llama(folder, dtype, device, Qwen3Model, qwen3_config_from_hf, hf_to_qwen3_name)

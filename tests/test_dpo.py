@@ -1,4 +1,4 @@
-"""DPO 番外：损失、回答对数概率、整理函数的掩码与冻结的参考模型（shared.dpo）。"""
+"""DPO 选读笔记本：损失、回答对数概率、整理函数的掩码与冻结的参考模型（shared.dpo）。"""
 import math
 from functools import partial
 
