@@ -1,11 +1,9 @@
 """字节级 BPE 分词器 (byte-level BPE tokenizer)，与 tiktoken 的 GPT-2 逐 id 一致；在 02_data_engineering/bonus_bpe_from_scratch 中讲解。
-
 - ``bytes_to_unicode`` / ``token_to_str``：GPT-2 的字节→可打印字符表（``Ġ`` 就是空格）；
 - ``GPT2_SPLIT_RE`` / ``split_text``：GPT-2 的预分词正则，只用标准库 ``re`` 实现；
 - ``train_simple`` / ``train_fast``：朴素与快速训练（并列规则相同，合并列表逐个相同）；
 - ``BPETokenizer``：encode / encode_ordinary / decode、特殊词元、按 GPT-2 格式 save / load；
-- ``load_gpt2_bpe``：读取 GPT-2 官方 vocab.bpe 与 encoder.json；``readable_pieces``：不乱码地显示词元。
-"""
+- ``load_gpt2_bpe``：读取 GPT-2 官方 vocab.bpe 与 encoder.json；``readable_pieces``：不乱码地显示词元。"""
 import heapq
 import json
 import re
@@ -24,14 +22,8 @@ from .runtime import atomic_write
 def bytes_to_unicode():
     """GPT-2 的字节→可打印字符表：可打印的 188 个字节保持原样，其余 68 个依次映射到 U+0100 之后。"""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    remapped = iter(range(256, 512))  # 不可打印的字节依次取 U+0100、U+0101……
+    return {b: chr(b) if b in printable else chr(next(remapped)) for b in range(256)}
 
 
 BYTE_TO_UNICODE = bytes_to_unicode()
@@ -60,17 +52,12 @@ def _letter_and_number_classes():
     ranges = {"L": [], "N": []}
     for cp in range(sys.maxunicode + 1):
         spans = ranges.get(unicodedata.category(chr(cp))[0])
-        if spans is None:
-            continue
-        if spans and spans[-1][1] == cp - 1:
+        if spans and spans[-1][1] == cp - 1:  # spans 为 None：既不是字母也不是数字
             spans[-1][1] = cp
-        else:
+        elif spans is not None:
             spans.append([cp, cp])
-
-    def fmt(spans):
-        return "".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in spans)
-
-    return fmt(ranges["L"]), fmt(ranges["N"])
+    return tuple("".join(re.escape(chr(a)) + ("" if a == b else "-" + re.escape(chr(b))) for a, b in ranges[c])
+                 for c in "LN")
 
 
 LETTER, NUMBER = _letter_and_number_classes()
@@ -119,8 +106,7 @@ def pair_sort_key(pair, count, vocab):
 
 
 def _no_more_pairs(n_merges, vocab_size):
-    return ValueError(f"语料太小：学了 {n_merges} 个合并后已没有相邻的词元对，达不到 vocab_size={vocab_size}；"
-                      "请换更大的语料或更小的词表")
+    return ValueError(f"语料太小：学了 {n_merges} 个合并后已没有相邻的词元对，达不到 vocab_size={vocab_size}；请换更大的语料或更小的词表")
 
 
 def train_simple(text, vocab_size):
@@ -164,10 +150,7 @@ def merge_in_place(ids, pair, new_id, deltas):
 
 
 def train_fast(text, vocab_size):
-    """快速 BPE 训练：预分词块去重计数 + 每次合并只增量更新受影响的计数 + 懒删除堆。
-
-    并列规则与 ``train_simple`` 相同，因此返回完全相同的合并列表。
-    """
+    """快速 BPE 训练：预分词块去重计数 + 只增量更新受影响的计数 + 懒删除堆；并列规则同 ``train_simple``，合并列表也相同。"""
     check_vocab_size(vocab_size)
     chunk_counts = Counter(split_text(text))
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
@@ -209,10 +192,8 @@ def train_fast(text, vocab_size):
 
 class BPETokenizer:
     """GPT-2 式字节级 BPE 分词器。
-
     ``merges``：[(a, b), ...]，第 k 个合并产生 id 256+k；``byte_order``：id 0..255 各对应哪个字节
-    （我们训练的是恒等顺序，GPT-2 官方词表是另一种排列）；``special_tokens``：{字符串: id}。
-    """
+    （我们训练的是恒等顺序，GPT-2 官方词表是另一种排列）；``special_tokens``：{字符串: id}。"""
 
     def __init__(self, merges, byte_order=range(256), special_tokens=None):
         byte_order = list(byte_order)
@@ -273,16 +254,13 @@ class BPETokenizer:
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
         """与 ``tiktoken.Encoding.encode`` 的约定相同：默认文本中出现特殊词元就报错。"""
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
+        if unknown := allowed - set(self.special_tokens):
             raise ValueError(f"allowed_special 里有本分词器没有的特殊词元：{sorted(unknown)}")
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         for name in sorted(disallowed):
             if name in text:
-                raise ValueError(
-                    f"文本中出现了特殊词元 {name!r}，但它不在 allowed_special 里。"
-                    f"若要编码成特殊 id，请传 allowed_special={{{name!r}}}；"
-                    "若只是普通文字，请传 disallowed_special=() 或使用 encode_ordinary。")
+                raise ValueError(f"文本中出现了特殊词元 {name!r}，但它不在 allowed_special 里。若要编码成特殊 id，请传 "
+                                 f"allowed_special={{{name!r}}}；若只是普通文字，请传 disallowed_special=() 或使用 encode_ordinary。")
         if not allowed:
             return self.encode_ordinary(text)
         pattern = "(" + "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
@@ -297,12 +275,10 @@ class BPETokenizer:
     def decode_bytes(self, ids):
         out = []
         for i in ids:
-            if 0 <= i < len(self.vocab):
-                out.append(self.vocab[i])
-            elif i in self.special_bytes:
-                out.append(self.special_bytes[i])
-            else:
+            token = self.vocab[i] if 0 <= i < len(self.vocab) else self.special_bytes.get(i)
+            if token is None:
                 raise ValueError(f"未知的词元 id：{i!r}（词表大小 {self.n_vocab}）")
+            out.append(token)
         return b"".join(out)
 
     def decode(self, ids):
@@ -311,8 +287,7 @@ class BPETokenizer:
 
     def save(self, directory):
         """按 GPT-2 的格式写出 ``vocab.bpe`` 与 ``encoder.json``（原子写入），返回两个路径。"""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = Path(directory)  # 目录不存在时 atomic_write 会创建
         lines = ["#version: 0.2"] + [f"{token_to_str(self.vocab[a])} {token_to_str(self.vocab[b])}"
                                      for a, b in self.merges]
         encoder = {token_to_str(t): i for i, t in enumerate(self.vocab)} | self.special_tokens
@@ -370,9 +345,7 @@ def load_gpt2_bpe():
 
 def readable_pieces(tokenizer, ids):
     """把 id 序列分成“能独立解码成完整 UTF-8 字符”的最短小组，返回 [(字符串, 词元个数), ...]。
-
-    单个字节级词元可能只含半个汉字，单独解码会变成 U+FFFD；凑齐完整字符再显示就不会乱码。
-    """
+    单个字节级词元可能只含半个汉字，单独解码会变成 U+FFFD；凑齐完整字符再显示就不会乱码。"""
     pieces, buffer, count = [], b"", 0
     for i in ids:
         buffer, count = buffer + tokenizer.decode_bytes([i]), count + 1

@@ -1,6 +1,5 @@
 """检查点：唯一的“先核对、再读入”的权重加载函数 load_weights，原子保存、读取与按元数据重建课程模型，
-在 05_pretraining 中讲解。
-"""
+在 05_pretraining 中讲解。"""
 import json
 from pathlib import Path
 
@@ -17,17 +16,11 @@ from .runtime import atomic_write, checkpoint_dir, get_profile
 # ---- 05_pretraining/01_pretraining.ipynb ----
 def load_weights(model, state, assign=False, only=None, file_names=None):
     """把 state（名字 -> 张量）读入 model，返回 model。课程里所有读权重的地方（检查点、GPT-2、HF、LoRA）都用它。
-
     先按名字核对：缺少、多余或形状不符的张量一起报成一个 ValueError，写明名字；核对通过才用 load_state_dict 读入。
-    共享的权重（如 out_head.weight 与 tok_emb.weight）给出其中一个名字即可，读完后仍然共享。
-    assign=True 时直接把这些张量设为参数而不复制（模型建在 meta 设备上时用）；only 限定只核对、只读入这些名字；
-    file_names（我们的名字 -> 文件里的名字）让错误信息同时写出文件里的张量名。
-    """
+    共享的权重（如 out_head.weight 与 tok_emb.weight）给出其中一个名字即可，读完后仍然共享。assign=True 时直接把张量
+    设为参数而不复制（meta 设备上的模型用）；only 限定只核对、只读入这些名字；file_names 让错误信息同时写出文件里的张量名。"""
     file_names = file_names or {}
-
-    def label(name):
-        return f"{name}（文件里的 {file_names[name]}）" if name in file_names else name
-
+    label = lambda name: f"{name}（文件里的 {file_names[name]}）" if name in file_names else name  # 错误信息里的名字
     own = model.state_dict(keep_vars=True)
     first = {}  # 共享同一个张量的名字，都映射到其中第一个
     alias = {name: first.setdefault(id(t), name) for name, t in own.items()}
@@ -71,9 +64,8 @@ def _optimizer_path(path):
 
 
 def save_checkpoint(path, model, optimizer=None, step=0, extra=None):
-    """权重原子地存为 safetensors（元数据里有 step、模型配置 config 与 JSON 形式的 extra）；
-    给出 optimizer 时其状态另存为同名的 .optim.pt（torch.save 纯张量与基本类型，可用 weights_only=True 读回）。
-    torch.compile 包装过的模型存的是原模型，张量名不带 "_orig_mod." 前缀。"""
+    """权重原子地存为 safetensors（元数据里有 step、模型配置 config 与 JSON 形式的 extra）；给出 optimizer 时其状态另存为
+    同名的 .optim.pt（纯张量与基本类型，可用 weights_only=True 读回）。torch.compile 过的模型存原模型（名字不带 _orig_mod.）。"""
     model = getattr(model, "_orig_mod", model)
     metadata = {"step": str(int(step)), "extra": json.dumps(extra or {})}
     if hasattr(model, "cfg"):
@@ -86,6 +78,8 @@ def save_checkpoint(path, model, optimizer=None, step=0, extra=None):
 
 def read_checkpoint_metadata(path):
     """只读元数据：返回 {"step": int, "config": dict 或 None, "extra": dict}。"""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"找不到检查点文件 {Path(path).name}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return {"step": int(meta.get("step", 0)), "config": json.loads(meta["config"]) if "config" in meta else None,
@@ -94,11 +88,8 @@ def read_checkpoint_metadata(path):
 
 def load_checkpoint(path, model, optimizer=None):
     """把 save_checkpoint 保存的权重（以及可选的优化器状态）读回，返回 read_checkpoint_metadata 的结果。"""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"找不到检查点文件 {path.name}")
+    info = read_checkpoint_metadata(path)  # 文件不存在时在这里报错
     load_weights(getattr(model, "_orig_mod", model), load_file(str(path)))
-    info = read_checkpoint_metadata(path)
     if optimizer is not None:
         opt_path = _optimizer_path(path)
         if not opt_path.exists():
@@ -112,12 +103,9 @@ def load_checkpoint(path, model, optimizer=None):
 
 def load_model(path, device="cpu"):
     """读取 save_checkpoint 保存的课程模型：按元数据里的配置重建 GPTModel、读入权重，返回 eval 模式的模型。"""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"找不到检查点文件 {path.name}")
     cfg = read_checkpoint_metadata(path)["config"]
     if cfg is None:
-        raise ValueError(f"{path.name} 的元数据里没有模型配置，无法重建模型")
+        raise ValueError(f"{Path(path).name} 的元数据里没有模型配置，无法重建模型")
     model = GPTModel(cfg)
     load_checkpoint(path, model)
     return model.to(device).eval()

@@ -1,6 +1,5 @@
 """多个训练种子的实验：逐个种子运行、均值 ± 标准差、两组结果之差与它的标准误差、带误差线的图，
-在 05_pretraining/01_pretraining 中讲解；之后凡是要下结论的比较都用它。
-"""
+在 05_pretraining/01_pretraining 中讲解；之后凡是要下结论的比较都用它。"""
 import numpy as np
 import pandas as pd
 
@@ -15,9 +14,7 @@ SEEDS = (1, 2, 3)  # 课程里凡是要下结论的比较，至少跑这三个�
 
 def run_seeds(run, seeds=SEEDS, **labels):
     """对每个种子先 set_seed(seed)，再调用 run(seed) -> {指标名: 数值}；返回每个种子一行的 DataFrame。
-
-    labels（例如 start="pretrained"）作为额外的列写进每一行，几组实验的结果直接拼成一张表。
-    """
+    labels（例如 start="pretrained"）作为额外的列写进每一行，几组实验的结果直接拼成一张表。"""
     rows = []
     for seed in seeds:
         set_seed(seed)

@@ -16,21 +16,12 @@ from .runtime import ALLOW_DOWNLOAD_ENV, HF_ENDPOINT_ENV, MIRROR_ENV, atomic_wri
 
 
 # ---- 05_pretraining/01_pretraining.ipynb ----
-GPT2_REPOS = {  # 简称 -> Hugging Face 仓库名
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
+GPT2_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}  # 简称 -> 仓库
 GPT2_FILES = ("config.json", "model.safetensors")
 
 
 def hf_url(repo, filename):
     return f"https://huggingface.co/{repo}/resolve/main/{filename}"
-
-
-def _has_files(folder):
-    return folder is not None and all((Path(folder) / f).is_file() for f in GPT2_FILES)
 
 
 def _hf_cache_snapshots(repo):
@@ -48,24 +39,19 @@ def find_hf_dir(repo, is_complete, local_dir=None):
     candidates = [Path(local_dir).expanduser()] if local_dir else []
     candidates += _hf_cache_snapshots(repo) + _hf_cache_snapshots(repo.split("/")[-1])
     relative = url_to_relpath(hf_url(repo, "config.json")).parent
-    if mirror_dir() is not None:
-        candidates.append(mirror_dir() / relative)
-    candidates.append(cache_dir() / relative)
+    candidates += [root / relative for root in (mirror_dir(), cache_dir()) if root is not None]
     return next((c for c in candidates if is_complete(c)), None)
 
 
 def find_gpt2_dir(name="gpt2", local_dir=None):
     """在本地找含 config.json 与 model.safetensors 的 GPT-2 目录（查找顺序见 find_hf_dir）。找不到返回 None。"""
-    return find_hf_dir(GPT2_REPOS.get(name, name), _has_files, local_dir)
+    return find_hf_dir(GPT2_REPOS.get(name, name), lambda d: all((d / f).is_file() for f in GPT2_FILES), local_dir)
 
 
 def fetch_gpt2(name="gpt2", local_dir=None, allow_download=None):
     """返回 GPT-2 文件所在目录；本地没有、且允许下载时用下载助手获取（124M 约 0.5 GB，带进度条）。
-
-    allow_download=None 表示看环境变量 LLM_ALLOW_DOWNLOAD（=1 时允许）。拿不到时抛出 DownloadError，说明原因和办法。
-    """
-    found = find_gpt2_dir(name, local_dir)
-    if found is not None:
+    allow_download=None 表示看环境变量 LLM_ALLOW_DOWNLOAD（=1 时允许）。拿不到时抛出 DownloadError，说明原因和办法。"""
+    if (found := find_gpt2_dir(name, local_dir)) is not None:
         return found
     repo = GPT2_REPOS.get(name, name)
     if not (download_allowed() if allow_download is None else allow_download):
@@ -78,15 +64,10 @@ def fetch_gpt2(name="gpt2", local_dir=None, allow_download=None):
 
 def gpt2_config_from_hf(hf_config):
     """把 Hugging Face 的 GPT-2 config.json（字典）换成本课程 GPTModel 的配置；遇到不支持的设置直接报错。"""
-    unsupported = {
-        "activation_function": ("gelu_new", hf_config.get("activation_function", "gelu_new")),
-        "layer_norm_epsilon": (1e-5, hf_config.get("layer_norm_epsilon", 1e-5)),
-        "scale_attn_by_inverse_layer_idx": (False, hf_config.get("scale_attn_by_inverse_layer_idx", False)),
-        "scale_attn_weights": (True, hf_config.get("scale_attn_weights", True)),
-    }
-    for key, (expected, actual) in unsupported.items():
-        if actual != expected:
-            raise ValueError(f"不支持的 GPT-2 设置 {key}={actual!r}（本课程的 GPTModel 对应 {expected!r}）")
+    for key, expected in [("activation_function", "gelu_new"), ("layer_norm_epsilon", 1e-5),
+                          ("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)]:
+        if hf_config.get(key, expected) != expected:
+            raise ValueError(f"不支持的 GPT-2 设置 {key}={hf_config[key]!r}（本课程的 GPTModel 对应 {expected!r}）")
     return dict(vocab_size=hf_config["vocab_size"], context_length=hf_config["n_positions"],
                 emb_dim=hf_config["n_embd"], n_layers=hf_config["n_layer"], n_heads=hf_config["n_head"],
                 drop_rate=0.0, qkv_bias=True, tie_weights=hf_config.get("tie_word_embeddings", True))
@@ -115,12 +96,10 @@ def gpt2_name_pairs(n_layers):
 
 def convert_hf_gpt2_state(hf_state, cfg):
     """Hugging Face GPT-2 的张量字典 -> 本课程 GPTModel 的 state_dict。
-
     - 键名可以带或不带 "transformer." 前缀；注意力掩码缓冲区 (attn.bias / attn.masked_bias) 被忽略；
     - HF 的 Conv1D 权重形状是 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
     - c_attn 把 Q、K、V 拼在一起，拆成 W_query、W_key、W_value；
-    - 没有 lm_head.weight 时（权重共享）输出层就用词嵌入。
-    """
+    - 没有 lm_head.weight 时（权重共享）输出层就用词嵌入。"""
     hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
 
     def take(key):
@@ -139,15 +118,14 @@ def convert_hf_gpt2_state(hf_state, cfg):
 
 
 def export_gpt2_to_hf(model, folder):
-    """convert_hf_gpt2_state 的逆过程：把 GPTModel 存成 transformers GPT2LMHeadModel 的目录
-    （config.json + model.safetensors，与 save_pretrained 的布局相同），from_pretrained 与 load_gpt2 都能读回。
-
-    课程的 tiny/cpu 配置没有 QKV 偏置，GPT-2 却总有，所以写入全零偏置，计算结果不变。返回 folder。
-    """
+    """convert_hf_gpt2_state 的逆过程：把 GPTModel 存成 save_pretrained 布局的 GPT2LMHeadModel 目录（config.json +
+    model.safetensors），from_pretrained 与 load_gpt2 都能读回。课程的 tiny/cpu 配置没有 QKV 偏置，GPT-2 却总有，
+    所以写入全零偏置，计算结果不变。返回 folder。"""
     from transformers import GPT2Config
-
     model = getattr(model, "_orig_mod", model)
     cfg, own = model.cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for key in ("tok_emb.weight", "out_head.weight"):  # 补齐的词表行（第 4 章的提速开关）从不被用到，导出时去掉
+        own[key] = own[key][:cfg["vocab_size"]]
     hf = {f"transformer.{name}": own[ours].T if transpose else own[ours]
           for ours, name, transpose in gpt2_name_pairs(cfg["n_layers"])}
     for i in range(cfg["n_layers"]):

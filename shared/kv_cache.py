@@ -81,4 +81,4 @@ def forward_cached(model, idx, cache):
         x = x + block.drop_shortcut(attention_cached(block.att, block.norm1(x), cache, layer))
         x = x + block.drop_shortcut(block.ff(block.norm2(x)))
     cache.pos += T
-    return model.out_head(model.final_norm(x))
+    return model.lm_head(x)

@@ -87,6 +87,7 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(
             d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
             dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
+            use_sdpa=cfg.get("sdpa", False),
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
@@ -105,12 +106,14 @@ class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = dict(cfg)
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        pad = cfg.get("pad_vocab_to") or 1
+        n_rows = -(-cfg["vocab_size"] // pad) * pad  # 词表行数向上补齐到 pad 的倍数（提速开关，默认不补）
+        self.tok_emb = nn.Embedding(n_rows, cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.out_head = nn.Linear(cfg["emb_dim"], n_rows, bias=False)
         if cfg.get("tie_weights", True):
             self.out_head.weight = self.tok_emb.weight  # 权重共享 (weight tying)
         self.apply(self._init_weights)
@@ -143,7 +146,11 @@ class GPTModel(nn.Module):
         x = self.trf_blocks(x)
         if keep is not None:
             x = x[keep]
-        return self.out_head(self.final_norm(x))
+        return self.lm_head(x)
+
+    def lm_head(self, x):
+        """最后的 LayerNorm 与输出层；补齐的词表行不是真实 token，它们的 logits 在这里切掉，损失与采样都看不到。"""
+        return self.out_head(self.final_norm(x))[..., :self.cfg["vocab_size"]]
 
     def make_cache(self, batch_size=1, max_len=None):
         """建一个装得下 max_len 个 token（默认 context_length）的 KV 缓存，供 forward(…, cache=…) 使用。"""

@@ -1,4 +1,5 @@
-"""测试共用的夹具 (fixtures)。"""
+"""测试共用的夹具 (fixtures)，以及 slow 标记：在 CI（环境变量 CI=true）里跳过，本地照常运行。"""
+import os
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,13 @@ def available(load):
         return load()
     except DownloadError as e:
         pytest.skip(f"数据不可用：{str(e).splitlines()[0]}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """标记为 slow 的测试（例如 CPU 上的 torch.compile，要编译一两分钟）在 CI 里跳过。"""
+    if os.environ.get("CI") != "true":
+        return
+    skip = pytest.mark.skip(reason="slow：CI 中跳过（本地运行 python -m pytest -m slow）")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

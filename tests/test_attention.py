@@ -1,4 +1,4 @@
-"""shared.attention.MultiHeadAttention 的等价性与接口测试。
+"""shared.attention.MultiHeadAttention 与 tiled_attention 的等价性与接口测试。
 
 参照实现：F.scaled_dot_product_attention(is_causal=True) 与 nn.MultiheadAttention（复制同一组权重）。
 容差：float64 用 atol=1e-10，float32 用 atol=1e-5（输入为标准正态、层宽几十，舍入误差约 1e-7）。
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.attention import MultiHeadAttention
+from shared.attention import MultiHeadAttention, tiled_attention
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -146,3 +146,62 @@ def test_dropout_only_in_training_mode():
         first = mha(x)
         torch.manual_seed(2)
         assert not torch.allclose(first, mha(x))
+
+
+def sdpa_twin(mha):
+    """与 mha 同一组权重、只把注意力换成 SDPA 路径（use_sdpa=True）的模块。"""
+    twin = MultiHeadAttention(mha.W_query.in_features, mha.d_out, mha.mask.shape[0], mha.dropout.p, mha.num_heads,
+                              qkv_bias=mha.W_query.bias is not None, use_sdpa=True).to(mha.W_query.weight.dtype)
+    twin.load_state_dict(mha.state_dict())
+    return twin.train(mha.training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_sdpa_path_equals_explicit_path_in_eval(dtype, dropout):
+    mha = make_mha(qkv_bias=True, dropout=dropout).to(dtype)  # eval 模式：dropout 不生效，两条路径应逐元素一致
+    x = torch.randn(2, 13, 16, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa_twin(mha)(x), mha(x), atol=ATOL[dtype], rtol=0)
+
+
+def test_sdpa_path_has_the_same_gradients_in_training_mode():
+    mha = make_mha(qkv_bias=True).to(torch.float64).train()  # dropout=0：训练模式下也没有随机性
+    fast = sdpa_twin(mha)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    mha(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    for (name, p), q in zip(mha.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-10, rtol=0, msg=name)  # float64，容差 1e-10
+
+
+def test_sdpa_path_applies_dropout_only_in_training():
+    fast = sdpa_twin(make_mha(dropout=0.5))
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        calm = fast(x)
+        fast.train()
+        torch.manual_seed(1)
+        noisy = fast(x)
+    assert not torch.allclose(calm, noisy)  # 训练模式下 dropout_p=0.5 真的传给了 SDPA
+
+
+# (T, block_size)：整除、不整除、只有一个查询、块比 T 大（只有一块）、块大小 1
+@pytest.mark.parametrize("T, block_size", [(16, 4), (17, 4), (50, 16), (1, 8), (33, 64), (64, 64), (9, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiled_attention_equals_sdpa(T, block_size, dtype):
+    """分块 + 在线 softmax 的结果等于 F.scaled_dot_product_attention(is_causal=True)；容差见 ATOL。"""
+    g = torch.Generator().manual_seed(T * 100 + block_size)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=dtype) * 3 for _ in range(3))  # 乘 3：分数范围更大
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = tiled_attention(q, k, v, block_size)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=ATOL[dtype], rtol=0)
+
+
+def test_tiled_attention_gradients_match_sdpa():
+    q, k, v = (torch.randn(1, 2, 13, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grads_tiled = torch.autograd.grad(tiled_attention(q, k, v, 4).square().sum(), (q, k, v))
+    grads_sdpa = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum(), (q, k, v))
+    for a, b in zip(grads_tiled, grads_sdpa):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)  # float64，容差 1e-10

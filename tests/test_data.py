@@ -1,8 +1,10 @@
-"""shared.data：按需切窗口的滑动窗口数据集 TokenWindows 与数据加载器。"""
+"""shared.data：按需切窗口的滑动窗口数据集 TokenWindows、数据加载器与正弦位置编码。"""
+import math
+
 import pytest
 import torch
 
-from shared.data import TokenWindows, create_dataloader, encode_text
+from shared.data import TokenWindows, create_dataloader, encode_text, sinusoidal_positions
 from shared.tokenizer import EOT_ID, get_gpt2_tokenizer
 
 
@@ -134,3 +136,34 @@ def test_too_few_windows_for_one_batch_raises():
 def test_short_real_text_raises_clear_error():
     with pytest.raises(ValueError, match=r"max_length \+ 1 = 9"):
         create_dataloader("Hi", batch_size=1, max_length=8, stride=8)
+
+
+def test_sinusoidal_shape_and_position_zero():
+    pe = sinusoidal_positions(50, 16)
+    assert pe.shape == (50, 16) and pe.dtype == torch.float32
+    assert torch.equal(pe[0, 0::2], torch.zeros(8)) and torch.equal(pe[0, 1::2], torch.ones(8))  # sin 0 = 0, cos 0 = 1
+    with pytest.raises(ValueError, match="dim 必须是偶数"):
+        sinusoidal_positions(10, 7)
+
+
+def test_sinusoidal_values_match_formula():
+    """逐个元素与 math.sin / math.cos 手算的公式对照（float32 舍入内）。"""
+    dim, pe = 12, sinusoidal_positions(300, 12)
+    for pos in (1, 5, 123, 299):
+        for i in range(dim // 2):
+            w = 10000 ** (-2 * i / dim)
+            assert abs(pe[pos, 2 * i].item() - math.sin(pos * w)) < 1e-6
+            assert abs(pe[pos, 2 * i + 1].item() - math.cos(pos * w)) < 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 3, 17, 100])
+def test_sinusoidal_shift_is_a_rotation(k):
+    """PE(pos+k) = R(k) PE(pos)：R(k) 由公式单独构造（每对维度一个 2x2 旋转），对所有 pos 相同。"""
+    n, dim = 256, 32
+    pe = sinusoidal_positions(n, dim).double()
+    R = torch.zeros(dim, dim, dtype=torch.float64)
+    for i in range(dim // 2):
+        a = k * 10000 ** (-2 * i / dim)
+        R[2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    err = (pe[k:] - pe[:-k] @ R.T).abs().max().item()
+    assert err < 1e-6, f"max |PE(pos+k) - R(k) PE(pos)| = {err:.2e}，容差 1e-6"

@@ -17,9 +17,9 @@ from shared.tokenizer import EOT_ID, get_gpt2_tokenizer
 VOCAB = 97
 
 
-def gpt(seed=0, context=24):
+def gpt(seed=0, context=24, **extra):
     torch.manual_seed(seed)
-    return GPTModel(dict(model_config("tiny"), vocab_size=VOCAB, context_length=context, qkv_bias=True)).eval()
+    return GPTModel(dict(model_config("tiny"), vocab_size=VOCAB, context_length=context, qkv_bias=True, **extra)).eval()
 
 
 LLAMA = dict(vocab_size=VOCAB, context_length=24, emb_dim=32, n_heads=4, n_kv_groups=2, n_layers=2, hidden_dim=48,
@@ -38,6 +38,7 @@ def llama_family(cls, seed=0, **extra):
 
 MODELS = {
     "gpt": gpt,
+    "gpt-sdpa-padded": lambda: gpt(sdpa=True, pad_vocab_to=64),  # 提速开关：SDPA 路径 + 补齐的词表
     "llama": lambda: llama_family(Llama3Model),
     "qwen3": lambda: llama_family(Qwen3Model, qk_norm=True),
     "qwen3-moe": lambda: llama_family(Qwen3Model, qk_norm=True, num_experts=4, num_experts_per_tok=2,

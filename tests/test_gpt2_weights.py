@@ -127,3 +127,14 @@ def test_export_round_trip(tmp_path, overrides):
     for name, tensor in ours.items():
         assert torch.equal(theirs[name], tensor), name
     assert all(not theirs[n].any() for n in theirs if n not in ours)  # 多出来的只有全零的 QKV 偏置
+
+
+def test_export_drops_padded_vocab_rows(tmp_path):
+    """gpu 档的提速开关（SDPA、词表补齐到 64 的倍数）不改变导出结果：补齐的行被去掉，transformers 的 logits 一致。"""
+    torch.manual_seed(0)
+    model = GPTModel(dict(model_config("tiny"), vocab_size=101, context_length=32, sdpa=True, pad_vocab_to=64)).eval()
+    assert model.tok_emb.weight.shape[0] == 128
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(export_gpt2_to_hf(model, tmp_path / "hf")).eval()
+    assert hf_model.config.vocab_size == 101 and hf_model.transformer.wte.weight.shape == (101, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), hf_logits(hf_model, IDS), **TOL)

@@ -162,6 +162,21 @@ def test_forward_rejects_too_long_input():
         model(torch.zeros(1, cfg["context_length"] + 1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("t", [0, 5, 11])
+def test_model_is_causal_changing_token_t_changes_only_positions_from_t(t, sdpa):
+    """整个模型的因果性：改动第 t 个 token，t 之前的 logits 逐位相同（精确），t 及之后的每个位置都改变。"""
+    torch.manual_seed(0)
+    model = GPTModel(dict(model_config("tiny"), sdpa=sdpa)).eval()
+    ids = torch.randint(0, 50257, (2, 12))
+    changed = ids.clone()
+    changed[:, t] = (ids[:, t] + 1) % 50257
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    assert torch.equal(before[:, :t], after[:, :t])
+    assert (before[:, t:] != after[:, t:]).any(dim=-1).all()
+
+
 def test_keep_computes_logits_only_where_asked():
     torch.manual_seed(0)
     model = GPTModel(model_config("tiny")).eval()
@@ -221,3 +236,39 @@ def test_config_for_profile_reads_the_profile_at_call_time(monkeypatch):
     assert config_for_profile() == model_config("tiny")
     monkeypatch.setenv("LLM_PROFILE", "cpu")
     assert config_for_profile() == model_config("cpu")
+
+
+def test_sdpa_config_gives_the_same_logits():
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), qkv_bias=True)
+    plain, fast = GPTModel(cfg).eval(), GPTModel(dict(cfg, sdpa=True)).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert all(block.att.use_sdpa for block in fast.trf_blocks)
+    x = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=0)  # float32，logits 约 ±1，容差 1e-4
+
+
+def test_padded_vocab_never_changes_logits_loss_or_gradients():
+    torch.manual_seed(0)
+    cfg = dict(model_config("tiny"), vocab_size=100, context_length=16)
+    plain, padded = GPTModel(cfg), GPTModel(dict(cfg, pad_vocab_to=64))
+    assert padded.tok_emb.weight.shape[0] == 128 and padded.out_head.weight is padded.tok_emb.weight
+    with torch.no_grad():  # 补齐的 28 行填大数：若它们漏进 logits，softmax 会被它们主导
+        state = plain.state_dict()
+        state["tok_emb.weight"] = torch.cat([state["tok_emb.weight"], torch.full((28, cfg["emb_dim"]), 5.0)])
+        state["out_head.weight"] = state["tok_emb.weight"]
+        padded.load_state_dict(state)
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    losses = []
+    for model in (plain, padded):
+        logits = model(x)
+        assert logits.shape == (2, 16, 100)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    grad_plain, grad_padded = plain.tok_emb.weight.grad, padded.tok_emb.weight.grad
+    torch.testing.assert_close(grad_padded[:100], grad_plain, atol=1e-6, rtol=0)
+    assert torch.count_nonzero(grad_padded[100:]) == 0  # 补齐的行既不进输入（没有这样的 id）也不进输出
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x[:, :5], cache=padded.make_cache(2)), plain(x[:, :5]), atol=1e-5, rtol=0)
