@@ -2,8 +2,8 @@
 - ``bytes_to_unicode`` / ``token_to_str``：GPT-2 的字节→可打印字符表（``Ġ`` 就是空格）；
 - ``GPT2_SPLIT_RE`` / ``split_text``：GPT-2 的预分词正则，只用标准库 ``re`` 实现；
 - ``train_simple`` / ``train_fast``：朴素与快速训练（并列规则相同，合并列表逐个相同）；
-- ``BPETokenizer``：encode / encode_ordinary / decode、特殊词元、按 GPT-2 格式 save / load；
-- ``load_gpt2_bpe``：读取 GPT-2 官方 vocab.bpe 与 encoder.json；``readable_pieces``：不乱码地显示词元。"""
+- ``BPETokenizer``：encode / encode_ordinary / decode、特殊 token、按 GPT-2 格式 save / load；
+- ``load_gpt2_bpe``：读取 GPT-2 官方 vocab.bpe 与 encoder.json；``readable_pieces``：不乱码地显示 token。"""
 import heapq
 import json
 import re
@@ -31,7 +31,7 @@ UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
 def token_to_str(token):
-    """把词元的字节串写成 GPT-2 词表文件里的样子，例如 b" the" -> "Ġthe"。"""
+    """把 token 的字节串写成 GPT-2 词表文件里的样子，例如 b" the" -> "Ġthe"。"""
     return "".join(BYTE_TO_UNICODE[b] for b in token)
 
 
@@ -106,7 +106,7 @@ def pair_sort_key(pair, count, vocab):
 
 
 def _no_more_pairs(n_merges, vocab_size):
-    return ValueError(f"语料太小：学了 {n_merges} 个合并后已没有相邻的词元对，达不到 vocab_size={vocab_size}；请换更大的语料或更小的词表")
+    return ValueError(f"语料太小：学了 {n_merges} 个合并后已没有相邻的 token 对，达不到 vocab_size={vocab_size}；请换更大的语料或更小的词表")
 
 
 def train_simple(text, vocab_size):
@@ -214,7 +214,7 @@ class BPETokenizer:
         ids = list(self.special_tokens.values())
         for name, i in self.special_tokens.items():
             if not isinstance(i, int) or i < len(self.vocab) or ids.count(i) > 1:
-                raise ValueError(f"特殊词元 {name!r} 的 id {i!r} 与其他词元冲突（必须 ≥ {len(self.vocab)} 且互不相同）")
+                raise ValueError(f"特殊 token {name!r} 的 id {i!r} 与其他 token 冲突（必须 ≥ {len(self.vocab)} 且互不相同）")
         self.special_bytes = {i: name.encode("utf-8") for name, i in self.special_tokens.items()}
         self.cache = {}  # 预分词块 -> id 列表
 
@@ -240,7 +240,7 @@ class BPETokenizer:
         return [ranks[p] for p in parts]
 
     def encode_ordinary(self, text):
-        """编码普通文本（特殊词元的字符串也按普通文字处理）。"""
+        """编码普通文本（特殊 token 的字符串也按普通文字处理）。"""
         cache, ids = self.cache, []
         if len(cache) > 500_000:  # 防止缓存无限增长
             cache.clear()
@@ -252,14 +252,14 @@ class BPETokenizer:
         return ids
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
-        """与 ``tiktoken.Encoding.encode`` 的约定相同：默认文本中出现特殊词元就报错。"""
+        """与 ``tiktoken.Encoding.encode`` 的约定相同：默认文本中出现特殊 token 就报错。"""
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         if unknown := allowed - set(self.special_tokens):
-            raise ValueError(f"allowed_special 里有本分词器没有的特殊词元：{sorted(unknown)}")
+            raise ValueError(f"allowed_special 里有本分词器没有的特殊 token：{sorted(unknown)}")
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         for name in sorted(disallowed):
             if name in text:
-                raise ValueError(f"文本中出现了特殊词元 {name!r}，但它不在 allowed_special 里。若要编码成特殊 id，请传 "
+                raise ValueError(f"文本中出现了特殊 token {name!r}，但它不在 allowed_special 里。若要编码成特殊 id，请传 "
                                  f"allowed_special={{{name!r}}}；若只是普通文字，请传 disallowed_special=() 或使用 encode_ordinary。")
         if not allowed:
             return self.encode_ordinary(text)
@@ -277,7 +277,7 @@ class BPETokenizer:
         for i in ids:
             token = self.vocab[i] if 0 <= i < len(self.vocab) else self.special_bytes.get(i)
             if token is None:
-                raise ValueError(f"未知的词元 id：{i!r}（词表大小 {self.n_vocab}）")
+                raise ValueError(f"未知的 token id：{i!r}（词表大小 {self.n_vocab}）")
             out.append(token)
         return b"".join(out)
 
@@ -305,12 +305,12 @@ class BPETokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_name} 不是合法的 JSON：{e}") from None
         if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
-            raise ValueError(f"{json_name} 应是 {{词元字符串: 整数 id}} 的字典")
+            raise ValueError(f"{json_name} 应是 {{token 字符串: 整数 id}} 的字典")
         byte_order = [None] * 256
         for b, c in BYTE_TO_UNICODE.items():
             i = encoder.get(c)
             if i is None or not 0 <= i < 256 or byte_order[i] is not None:
-                raise ValueError(f"{json_name} 中单字节词元 {c!r} 的 id 缺失、重复或不在 0..255")
+                raise ValueError(f"{json_name} 中单字节 token {c!r} 的 id 缺失、重复或不在 0..255")
             byte_order[i] = b
         lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
         first = 1 if lines and lines[0].startswith("#version") else 0
@@ -321,10 +321,10 @@ class BPETokenizer:
         for n, line in enumerate(lines[first:], start=first + 1):
             parts = line.split(" ")
             if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{bpe_name} 第 {n} 行应是以一个空格分隔的两个词元，实际是 {line!r}")
+                raise ValueError(f"{bpe_name} 第 {n} 行应是以一个空格分隔的两个 token，实际是 {line!r}")
             left, right = (str_to_token(p, f"{bpe_name} 第 {n} 行：") for p in parts)
             if left not in known or right not in known:
-                raise ValueError(f"{bpe_name} 第 {n} 行用到了前面没有定义的词元：{line!r}")
+                raise ValueError(f"{bpe_name} 第 {n} 行用到了前面没有定义的 token：{line!r}")
             if left + right in known:
                 raise ValueError(f"{bpe_name} 第 {n} 行是重复的合并：{line!r}")
             known[left + right] = 256 + len(merges)
@@ -332,7 +332,7 @@ class BPETokenizer:
         vocab_strings = [token_to_str(t) for t in known]  # known 按插入顺序就是 id 顺序
         for i, s in enumerate(vocab_strings):
             if encoder.get(s) != i:
-                raise ValueError(f"{bpe_name} 与 {json_name} 不一致：词元 {s!r} 应为 id {i}")
+                raise ValueError(f"{bpe_name} 与 {json_name} 不一致：token {s!r} 应为 id {i}")
         ordinary = set(vocab_strings)
         special = {s: i for s, i in encoder.items() if s not in ordinary}
         return cls(merges, byte_order, special)
@@ -344,8 +344,8 @@ def load_gpt2_bpe():
 
 
 def readable_pieces(tokenizer, ids):
-    """把 id 序列分成“能独立解码成完整 UTF-8 字符”的最短小组，返回 [(字符串, 词元个数), ...]。
-    单个字节级词元可能只含半个汉字，单独解码会变成 U+FFFD；凑齐完整字符再显示就不会乱码。"""
+    """把 id 序列分成“能独立解码成完整 UTF-8 字符”的最短小组，返回 [(字符串, token 个数), ...]。
+    单个字节级 token 可能只含半个汉字，单独解码会变成 U+FFFD；凑齐完整字符再显示就不会乱码。"""
     pieces, buffer, count = [], b"", 0
     for i in ids:
         buffer, count = buffer + tokenizer.decode_bytes([i]), count + 1

@@ -1,6 +1,6 @@
 """文本数据：按需切窗口的滑动窗口数据集 ``TokenWindows`` 与 ``create_dataloader``，在 02_data_engineering 中讲解。
 把整段文本编码成词元 (token) id，再按上下文长度 ``max_length`` 与步幅 ``stride`` 切成
-（输入, 目标）对，目标就是输入整体右移一位，供下一个词元预测 (next-token prediction) 训练使用；
+（输入, 目标）对，目标就是输入整体右移一位，供下一个 token 预测 (next-token prediction) 训练使用；
 另有原始 Transformer 的固定正弦位置编码 ``sinusoidal_positions``。"""
 import tiktoken
 import torch
@@ -13,7 +13,7 @@ from .tokenizer import get_gpt2_tokenizer
 
 # ---- 02_data_engineering/01_text_data.ipynb ----
 def encode_text(tokenizer, txt):
-    """用分词器把文本编码成 id 列表；对 tiktoken 显式允许 ``<|endoftext|>``（它默认拒绝特殊词元）。"""
+    """用分词器把文本编码成 id 列表；对 tiktoken 显式允许 ``<|endoftext|>``（它默认拒绝特殊 token）。"""
     if isinstance(tokenizer, tiktoken.Encoding):
         return tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
     return list(tokenizer.encode(txt))
@@ -21,17 +21,17 @@ def encode_text(tokenizer, txt):
 
 class TokenWindows(Dataset):
     """滑动窗口数据集：第 k 个样本的输入是 ``ids[k*stride : k*stride+max_length]``，目标右移一位。
-    只保存一份词元 id，窗口在取用时才切出来（切片是视图，不复制），所以 stride=1 也不多占内存。"""
+    只保存一份 token id，窗口在取用时才切出来（切片是视图，不复制），所以 stride=1 也不多占内存。"""
 
     def __init__(self, token_ids, max_length, stride):
         if max_length < 1 or stride < 1:
             raise ValueError(f"max_length 与 stride 必须是正整数，收到 max_length={max_length}, stride={stride}")
         self.ids = torch.as_tensor(token_ids, dtype=torch.long)
         if self.ids.dim() != 1 or len(self.ids) < max_length + 1:
-            raise ValueError(f"需要一维的词元 id 序列，且至少 max_length + 1 = {max_length + 1} 个才能切出一个"
+            raise ValueError(f"需要一维的 token id 序列，且至少 max_length + 1 = {max_length + 1} 个才能切出一个"
                              f"（输入, 目标）窗口；收到形状 {tuple(self.ids.shape)}。请换更长的文本或减小 max_length")
         self.max_length, self.stride = max_length, stride
-        # 起点 i = k*stride 满足 i + max_length <= N - 1，保证目标的最后一个词元存在
+        # 起点 i = k*stride 满足 i + max_length <= N - 1，保证目标的最后一个 token 存在
         self.n = (len(self.ids) - max_length - 1) // stride + 1
 
     def __len__(self):

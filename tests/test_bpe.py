@@ -85,7 +85,7 @@ def test_endoftext_handling_matches_tiktoken(ours, reference):
         reference.encode(text)
     with pytest.raises(ValueError, match="allowed_special"):
         ours.encode(text)
-    with pytest.raises(ValueError, match="没有的特殊词元"):
+    with pytest.raises(ValueError, match="没有的特殊 token"):
         ours.encode("x", allowed_special={"<|unknown|>"})
 
 
@@ -174,9 +174,9 @@ def toy_files(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda lines: lines + ["Ġhello"], "两个词元"),                 # 只有一个词元
-    (lambda lines: lines + ["h  e"], "两个词元"),                   # 两个空格
-    (lambda lines: lines + ["zzz q"], "没有定义"),                   # 引用不存在的词元
+    (lambda lines: lines + ["Ġhello"], "两个 token"),                 # 只有一个 token
+    (lambda lines: lines + ["h  e"], "两个 token"),                   # 两个空格
+    (lambda lines: lines + ["zzz q"], "没有定义"),                   # 引用不存在的 token
     (lambda lines: lines + ["h\u4e00 e"], "字节表"),                 # 表外字符
     (lambda lines: lines[:5] + [lines[6], lines[5]], "不一致"),      # 两行对调：与 encoder.json 对不上
     (lambda lines: lines + [lines[1]], "重复"),                      # 重复的合并
@@ -195,13 +195,13 @@ def test_corrupt_encoder_json_raises(toy_files):
     with pytest.raises(ValueError, match="JSON"):
         bpe.BPETokenizer.load(vocab_bpe, encoder_json)
     encoder_json.write_text('{"a": 1}', encoding="utf-8")
-    with pytest.raises(ValueError, match="单字节词元"):
+    with pytest.raises(ValueError, match="单字节 token"):
         bpe.BPETokenizer.load(vocab_bpe, encoder_json)
 
 
 def test_bad_ids_and_special_tokens():
     tok = bpe.BPETokenizer([(97, 98)], special_tokens={EOT: 257})
-    with pytest.raises(ValueError, match="未知的词元 id"):
+    with pytest.raises(ValueError, match="未知的 token id"):
         tok.decode([258])
     with pytest.raises(ValueError, match="冲突"):
         bpe.BPETokenizer([(97, 98)], special_tokens={EOT: 256})

@@ -24,13 +24,13 @@ def windows(ds):
 
 def test_windows_and_targets_exact():
     ds = TokenWindows(list(range(10, 20)), max_length=4, stride=3)
-    # 10 个词元、L=4、S=3：起点 0, 3（起点 6 需要第 6+4=10 个词元作目标，不存在）
+    # 10 个 token、L=4、S=3：起点 0, 3（起点 6 需要第 6+4=10 个 token 作目标，不存在）
     assert windows(ds) == [([10, 11, 12, 13], [11, 12, 13, 14]), ([13, 14, 15, 16], [14, 15, 16, 17])]
     x, y = ds[1]
     assert x.dtype == torch.long and y.dtype == torch.long
 
 
-# 手数的窗口数：n 个词元、窗口长 L、步幅 S 时，起点 i = 0, S, 2S, … 且 i + L <= n - 1
+# 手数的窗口数：n 个 token、窗口长 L、步幅 S 时，起点 i = 0, S, 2S, … 且 i + L <= n - 1
 @pytest.mark.parametrize("n, max_length, stride, expected", [
     (5, 4, 1, 1), (9, 4, 4, 2), (10, 4, 4, 2), (50, 7, 3, 15), (20, 4, 100, 1), (6, 4, 1, 2),
 ])
@@ -65,7 +65,7 @@ def test_real_tiktoken_case():
     tok = get_gpt2_tokenizer()
     text = "Hello, world. <|endoftext|> In the sunlit terraces"
     ids = encode_text(tok, text)
-    assert EOT_ID in ids  # 特殊词元被当作一个词元，而不是报错或被拆开
+    assert EOT_ID in ids  # 特殊 token 被当作一个 token，而不是报错或被拆开
     assert tok.decode(ids) == text
     ds = TokenWindows(ids, max_length=3, stride=2)
     assert windows(ds) == [(ids[i:i + 3], ids[i + 1:i + 4]) for i in range(0, len(ids) - 3, 2)]
@@ -88,7 +88,7 @@ def test_bad_sizes_raise(max_length, stride):
 def test_dataloader_batch_shapes():
     loader = create_dataloader("x", batch_size=3, max_length=5, stride=5, shuffle=False,
                                tokenizer=FakeTokenizer(range(41)))
-    # 41 个词元、L=5、S=5：起点 0, 5, …, 35（35+5=40 <= 40），共 8 个窗口；drop_last 后 2 个批次
+    # 41 个 token、L=5、S=5：起点 0, 5, …, 35（35+5=40 <= 40），共 8 个窗口；drop_last 后 2 个批次
     batches = list(loader)
     assert len(batches) == 2
     for x, y in batches:
