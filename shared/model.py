@@ -159,6 +159,27 @@ class GPTModel(nn.Module):
                        cfg["context_length"], device=weight.device, dtype=weight.dtype)
 
 
+def count_params_formula(cfg):
+    """按上表公式计算 GPTModel 的参数量（不实例化模型）；词表按 pad_vocab_to 补齐后的行数算。"""
+    C, d, L = cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    pad = cfg.get("pad_vocab_to") or 1
+    V = -(-cfg["vocab_size"] // pad) * pad
+    per_block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)
+    head = 0 if cfg.get("tie_weights", True) else V * d
+    return V * d + C * d + L * per_block + 2 * d + head
+
+
+def count_params(model):
+    """实际参数量；共享的权重只被 parameters() 返回一次，所以只计一次。"""
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_flops_per_token(cfg, seq_len):
+    """训练一个 token 的浮点运算数（前向 + 反向）：6 × 参与矩阵乘法的参数量 + 注意力的 12·L·T·d。"""
+    d, L, V = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
+    return 6 * (12 * L * d * d + V * d) + 12 * L * seq_len * d
+
+
 def generate_text_simple(model, idx, max_new_tokens, context_size):
     """贪心解码：每步取概率最大的 token。输入超过 context_size 时只保留最后 context_size 个 token。"""
     for _ in range(max_new_tokens):

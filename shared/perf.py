@@ -1,4 +1,4 @@
-"""训练速度与内存：每 token 的 FLOPs、交替测速的训练器、融合的 LayerNorm/GELU、梯度检查点、保存的激活与内存规划器，
+"""训练速度与内存（每 token 的 FLOPs 与参数量公式在 shared.model）：交替测速的训练器、融合的 LayerNorm/GELU、梯度检查点、保存的激活与内存规划器，
 在 05_pretraining/bonus_training_speed 中讲解。"""
 import functools
 import time
@@ -7,28 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .model import GELU, GPTModel, LayerNorm
+from .model import GELU, GPTModel, LayerNorm, count_params_formula
 from .train import autocast, calc_loss_batch, configure_optimizer, endless_batches, token_loader, train_step
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
 
 # ---- 05_pretraining/bonus_training_speed.ipynb ----
-def count_params(cfg):
-    """GPTModel 的参数量（第 4 章第 6 节的公式；共享权重只算一次，词表按补齐后的行数）。"""
-    d, L = cfg["emb_dim"], cfg["n_layers"]
-    pad = cfg.get("pad_vocab_to") or 1
-    rows = -(-cfg["vocab_size"] // pad) * pad
-    per_block = 12 * d * d + 10 * d + (3 * d if cfg["qkv_bias"] else 0)
-    return rows * d * (1 if cfg.get("tie_weights", True) else 2) + cfg["context_length"] * d + L * per_block + 2 * d
-
-
-def train_flops_per_token(cfg, seq_len):
-    """训练一个 token 的浮点运算数（前向 + 反向）：6 × 参与矩阵乘法的参数量 + 注意力的 12·L·T·d。"""
-    d, L, V = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
-    return 6 * (12 * L * d * d + V * d) + 12 * L * seq_len * d
-
-
 def make_trainer(cfg, batch_size, seq_len, token_ids, *, device="cpu", amp_dtype=None, compile=False, fused=False,
                  fused_ops=False, threads=None, checkpointing=False, seed=0):
     """建好模型、AdamW 与数据，返回 run(steps) -> 每秒训练的 token 数（threads 给定时 run 先设好线程数）。
@@ -128,7 +113,7 @@ def plan_memory(cfg, batch_size, seq_len, *, amp=False, checkpointing=False):
     checkpointing 时每层只存输入、反向时一次重算一层；输出层峰值约 3·N·V 个数；amp 多一份 bf16 权重。
     """
     d, L, H, V = cfg["emb_dim"], cfg["n_layers"], cfg["n_heads"], cfg["vocab_size"]
-    n_tok, params = batch_size * seq_len, count_params(cfg)
+    n_tok, params = batch_size * seq_len, count_params_formula(cfg)
     layer = 32 * n_tok * d + (0 if cfg.get("sdpa") else batch_size * H * seq_len**2)
     plan = {
         "weights": params * (6 if amp else 4),
@@ -144,8 +129,8 @@ def plan_memory(cfg, batch_size, seq_len, *, amp=False, checkpointing=False):
 def plan_generation_memory(cfg, batch_size, max_len, bytes_per_value=4):
     """生成时的内存：权重加上 KV 缓存（每层 K、V 各 batch × max_len × d 个数），单位字节。"""
     kv_cache = 2 * cfg["n_layers"] * batch_size * max_len * cfg["emb_dim"] * bytes_per_value
-    return {"weights": count_params(cfg) * bytes_per_value, "kv_cache": kv_cache,
-            "total": count_params(cfg) * bytes_per_value + kv_cache}
+    return {"weights": count_params_formula(cfg) * bytes_per_value, "kv_cache": kv_cache,
+            "total": count_params_formula(cfg) * bytes_per_value + kv_cache}
 
 
 def recommend_micro_batch(cfg, seq_len, budget_bytes, effective_batch, **plan_options):

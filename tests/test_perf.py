@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from shared.model import GPTModel, model_config
+from shared.model import GPTModel, count_params_formula, model_config, train_flops_per_token
 from shared.generate import generate
-from shared.perf import (count_params, make_trainer, plan_generation_memory, plan_memory, recommend_micro_batch,
-                         saved_activation_bytes, set_checkpointing, train_flops_per_token, use_fused_ops)
+from shared.perf import (make_trainer, plan_generation_memory, plan_memory, recommend_micro_batch, saved_activation_bytes,
+                         set_checkpointing, use_fused_ops)
 
 SMALL = dict(model_config("tiny"), vocab_size=300, context_length=32, emb_dim=48, n_heads=4, n_layers=3)
 
@@ -26,7 +26,7 @@ def test_flops_formula_equals_flop_counter(extra):
 @pytest.mark.parametrize("extra", [{}, dict(qkv_bias=True), dict(tie_weights=False), dict(pad_vocab_to=64)])
 def test_count_params_matches_the_model(extra):
     cfg = dict(SMALL, **extra)
-    assert count_params(cfg) == sum(p.numel() for p in GPTModel(cfg).parameters())
+    assert count_params_formula(cfg) == sum(p.numel() for p in GPTModel(cfg).parameters())
 
 
 def test_checkpointing_keeps_results_and_saves_less():

@@ -19,11 +19,11 @@ import time
 import warnings
 
 import torch
+from bench_kv_cache import to_hf_gpt2  # 同目录的脚本：直接运行本文件时它在 sys.path 上
 
 from shared.download import TINY_SHAKESPEARE, read_text
 from shared.finetune import load_base_model
 from shared.generate import generate
-from shared.gpt2_weights import export_gpt2_to_hf
 from shared.model import GPTModel, model_config
 from shared.perf import use_fused_ops
 from shared.quant import quantize_model
@@ -32,13 +32,8 @@ from shared.train import calc_loss_loader, token_loader
 
 
 def hf_generator(model, prompt, n):
-    from transformers import GPT2LMHeadModel, logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as folder:
-        hf = GPT2LMHeadModel.from_pretrained(export_gpt2_to_hf(model, folder)).eval()
-    hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
+        hf = to_hf_gpt2(model, folder)  # 与 bench_kv_cache 同一个导出与设置（不让 EOS 提前停止）
     return lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, use_cache=True)
 

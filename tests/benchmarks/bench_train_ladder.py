@@ -13,8 +13,8 @@ import os
 import torch
 
 from shared.download import TINY_SHAKESPEARE, read_text
-from shared.model import model_config
-from shared.perf import make_trainer, train_flops_per_token
+from shared.model import model_config, train_flops_per_token
+from shared.perf import make_trainer
 from shared.tokenizer import get_gpt2_tokenizer
 
 RUNGS = ["fp32", "tf32", "bf16", "compile", "sdpa", "pad_vocab", "fused_adamw"]
