@@ -1,5 +1,5 @@
 """shared.generate：课程里唯一的解码循环。贪心、温度、top-k、top-p、重复惩罚、逐行 EOS、束搜索，
-带与不带 KV 缓存对 GPT、Llama、Qwen3（稠密与 MoE）结果相同，采样服从 softmax 分布。"""
+带与不带 KV 缓存对 GPT、Llama、Qwen3（稠密与 MoE）、Gemma 3（滑动窗口）结果相同，采样服从 softmax 分布。"""
 import itertools
 import math
 
@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from shared.generate import (apply_repetition_penalty, beam_search, generate, sample_next, text_to_token_ids,
                              token_ids_to_text, top_k_filter, top_p_filter)
+from shared.gemma3 import Gemma3Model
 from shared.llama import Llama3Model
 from shared.model import GPTModel, generate_text_simple, model_config
 from shared.qwen3 import Qwen3Model
@@ -43,6 +44,9 @@ MODELS = {
     "qwen3": lambda: llama_family(Qwen3Model, qk_norm=True),
     "qwen3-moe": lambda: llama_family(Qwen3Model, qk_norm=True, num_experts=4, num_experts_per_tok=2,
                                       moe_hidden_dim=16, norm_topk_prob=True),
+    # 窗口 4 比提示词 + 生成的 18 个 token 短得多：局部层的环形缓存会被反复覆盖
+    "gemma3": lambda: llama_family(Gemma3Model, head_dim=8, query_pre_attn_scalar=6, rope_local_base=10_000.0,
+                                   sliding_window=4, layer_types=["local", "global"]),
 }
 SAMPLERS = {
     "greedy": {},
