@@ -160,9 +160,10 @@ def autocast(device, dtype=None):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def train_step(model, optimizer, batches, loss_fn, grad_accum_steps=1, grad_clip=1.0, amp=None):
+def train_step(model, optimizer, batches, loss_fn, grad_accum_steps=1, grad_clip=1.0, amp=None, monitor=None):
     """一个优化步，返回它的平均损失：grad_accum_steps 个微批次的 loss_fn(batch) 各除以 grad_accum_steps 后反向传播
-    （梯度累加），把梯度的总范数裁剪到 grad_clip（None 不裁剪），再 optimizer.step()。
+    （梯度累加），把梯度的总范数裁剪到 grad_clip（None 不裁剪），再 optimizer.step()。损失不是有限数时抛出
+    FloatingPointError，参数不更新。monitor（可选）在更新前收到 before_update(model, 裁剪前的梯度范数)，更新后收到 after_update(model)。
 
     DDP 包装的模型只在最后一个微批次同步梯度：前面的放在 model.no_sync() 里，省掉通信。
     """
@@ -175,19 +176,28 @@ def train_step(model, optimizer, batches, loss_fn, grad_accum_steps=1, grad_clip
                 loss = loss_fn(next(batches)) / grad_accum_steps
             loss.backward()
         total += loss.item()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not math.isfinite(total):
+        raise FloatingPointError(f"训练损失是 {total}，参数没有更新。常见原因：学习率太大、数据有问题（例如一批里所有目标都被屏蔽，平均损失是 0/0）")
+    grad_norm = None
+    if grad_clip is not None or monitor is not None:  # 返回的是裁剪之前的总范数
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if grad_clip is None else grad_clip)
+    if monitor is not None:
+        monitor.before_update(model, grad_norm)
     optimizer.step()
+    if monitor is not None:
+        monitor.after_update(model)
     return total
 
 
 def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_accum_steps=1, grad_clip=1.0,
-               amp=None, seed=None, on_step=None, progress=True, desc="train"):
+               amp=None, seed=None, on_step=None, monitor=None, progress=True, desc="train"):
     """对 steps 中的每个步号（如 range(start, stop)）做一次 train_step，返回训练用的秒数（不含 on_step）。
 
     每步开始前：lr_at 给定时把学习率设为 lr_at(step)；seed 给定时 torch.manual_seed(seed + step)，
     dropout 等随机性于是只取决于步数，续训才能逐位复现。每步之后调用 on_step(step + 1, loss, lr)：
     评估、记录与保存检查点都放在那里。预训练、分类、DPO 与 DDP 的训练都用这一个循环，只换 loss_fn 与 on_step。
+    损失变成 NaN/inf 时抛出 FloatingPointError 并写明步号。monitor（可选，例如 TensorBoard 记录器）另外在每步之后
+    收到 on_step(step + 1, loss, lr, 这一步的秒数)。
     """
     model.train()
     seconds = 0.0
@@ -199,9 +209,15 @@ def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_ac
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-        loss = train_step(model, optimizer, batches, loss_fn, grad_accum_steps, grad_clip, amp)
-        seconds += time.perf_counter() - start
+        try:
+            loss = train_step(model, optimizer, batches, loss_fn, grad_accum_steps, grad_clip, amp, monitor)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"第 {step + 1} 步：{err}") from None
+        step_seconds = time.perf_counter() - start
+        seconds += step_seconds
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if monitor is not None:
+            monitor.on_step(step + 1, loss, optimizer.param_groups[0]["lr"], step_seconds)
         if on_step is not None:
             on_step(step + 1, loss, optimizer.param_groups[0]["lr"])
     bar.close()
@@ -234,7 +250,7 @@ HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss", "lr")
 def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps, eval_every, eval_batches,
                 grad_accum_steps=1, max_lr=None, min_lr=None, warmup_steps=0, grad_clip=1.0, autocast_dtype=None,
                 seed=None, sample_fn=None, resume=None, checkpoint_path=None, checkpoint_every=None, stop_step=None,
-                progress=True):
+                monitor=None, progress=True):
     """预训练语言模型到第 max_steps 步，返回 history（HISTORY_KEYS 各对应一个等长列表，另有 train_tokens_per_s）。
 
     优化本身交给 train_loop；这里只管语言模型的损失、评估记录与检查点：
@@ -243,7 +259,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
       两者才可比（None 表示整个数据集）；给出 sample_fn(model) -> str 时再打印一段生成样例；
     - resume：load_checkpoint 的返回值，从它记下的 step、tokens_seen 与 history 接着训练；
     - checkpoint_path 与 checkpoint_every：每隔这么多步（以及最后一步）原子地保存模型与优化器；
-    - stop_step：训练到这一步就停（模拟中断，学习率调度仍按 max_steps 计算）；progress=False 时安静地训练。
+    - stop_step：训练到这一步就停（模拟中断，学习率调度仍按 max_steps 计算）；progress=False 时安静地训练；
+    - monitor：交给 train_loop，每次评估后还收到 on_eval(step, train_loss, val_loss)。
     """
     start = resume["step"] if resume else 0
     if eval_every < 1 or not 0 <= start <= max_steps:
@@ -264,6 +281,8 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
             losses = evaluate(model, *eval_sets, device)
         for key, value in zip(HISTORY_KEYS, (step, seen["tokens"], *losses, lr)):
             history[key].append(value)
+        if monitor is not None:
+            monitor.on_eval(step, *losses)
         if progress:
             print(f"step {step:5d} | tokens {seen['tokens']:9,d} | train {losses[0]:.3f} | val {losses[1]:.3f} | lr {lr:.2e}")
             if sample_fn is not None:
@@ -283,6 +302,6 @@ def train_model(model, train_loader, val_loader, optimizer, device, *, max_steps
     stop = max_steps if stop_step is None else min(stop_step, max_steps)
     seconds = train_loop(model, optimizer, endless_batches(train_loader, start * grad_accum_steps), loss_fn,
                          range(start, stop), lr_at=lr_at, grad_accum_steps=grad_accum_steps, grad_clip=grad_clip,
-                         amp=amp, seed=seed, on_step=on_step, progress=progress)
+                         amp=amp, seed=seed, on_step=on_step, monitor=monitor, progress=progress)
     history["train_tokens_per_s"] = (seen["tokens"] - tokens_before) / seconds if seconds else float("nan")
     return history
