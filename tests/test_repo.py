@@ -47,3 +47,5 @@ def test_notebook_is_clean(path):
     assert not re.search(r" at 0x[0-9a-f]{6,}", outputs), "输出里有内存地址"
     counts = [c["execution_count"] for c, s in zip(cells, sources) if s.strip()]
     assert None not in counts and counts == sorted(counts), "单元格应从上到下一次运行"
+    if (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5):  # 4.5 起每个单元格都要有 id，否则 nbformat 警告、将来报错
+        assert all("id" in c for c in nb["cells"]), "有单元格缺少 id（手工插入单元格时要加上）"
