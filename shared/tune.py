@@ -20,6 +20,20 @@ from .train import configure_optimizer, token_loader, train_model
 
 
 # ---- 05_pretraining/bonus_monitoring_and_tuning.ipynb ----
+CHAR_GPT = dict(context_length=64, emb_dim=96, n_layers=4, n_heads=4, drop_rate=0.0, qkv_bias=False, tie_weights=True)
+
+
+@functools.cache
+def char_data(chars=None):
+    """Tiny Shakespeare 的前 chars 个字符（None 为全部），字符级编码、9:1 划分：(训练 id, 验证 id, 字符表)。"""
+    text = read_text(TINY_SHAKESPEARE)[:chars]
+    vocab = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([stoi[c] for c in text])
+    split = int(0.9 * len(ids))
+    return ids[:split], ids[split:], vocab
+
+
 SEARCH_SPACE = {  # 名字 -> ("log", 下限, 上限) 对数均匀 / ("uniform", 下限, 上限) / ("choice", [候选值])
     "lr": ("log", 3e-4, 3e-2),
     "warmup_frac": ("uniform", 0.0, 0.2),
@@ -99,28 +113,14 @@ def successive_halving(objective, space, n_trials, min_budget, max_budget, eta=3
             records.append(record)
         score = {r["trial"]: math.inf if r["val_loss"] is None else r["val_loss"] for r in records if r["budget"] == budget}
         alive = sorted(alive, key=score.get)[:max(1, len(alive) // eta)]
-    table = pd.DataFrame([{k: v for k, v in r.items() if k != "params"} | r["params"] for r in records])
-    return table
-
-
-CHAR_GPT = dict(context_length=64, emb_dim=96, n_layers=4, n_heads=4, drop_rate=0.0, qkv_bias=False, tie_weights=True)
-
-
-@functools.cache
-def char_data(chars=None):
-    """Tiny Shakespeare 的前 chars 个字符（None 为全部），字符级编码：(训练 id, 验证 id, 词表大小)，9:1 划分。"""
-    text = read_text(TINY_SHAKESPEARE)[:chars]
-    vocab = sorted(set(text))
-    ids = torch.tensor([vocab.index(c) for c in text])
-    split = int(0.9 * len(ids))
-    return ids[:split], ids[split:], len(vocab)
+    return pd.DataFrame([{k: v for k, v in r.items() if k != "params"} | r["params"] for r in records])
 
 
 def char_gpt_objective(params, budget, seed=1, chars=None, eval_batches=10):
     """用 params（lr、warmup_frac、weight_decay、batch_size）训练字符级小 GPT budget 步，返回验证损失 (nats/字符)。"""
     train_ids, val_ids, vocab = char_data(chars)
     set_seed(seed)
-    model = GPTModel(dict(CHAR_GPT, vocab_size=vocab))
+    model = GPTModel(dict(CHAR_GPT, vocab_size=len(vocab)))
     context = CHAR_GPT["context_length"]
     train_loader = token_loader(train_ids, params["batch_size"], context, context, seed=seed)
     val_loader = token_loader(val_ids, 16, context, context, shuffle=False)
