@@ -13,7 +13,8 @@ import sys
 import unicodedata
 from collections import namedtuple
 
-from .runtime import HF_ENDPOINT_ENV, MIRROR_ENV, PROFILE_ENV, REPO_ROOT, TIKTOKEN_CACHE_ENV, get_device, get_profile
+from .runtime import (GPU_MEMORY_ENV, HF_ENDPOINT_ENV, MIRROR_ENV, PROFILE_ENV, REPO_ROOT, TIKTOKEN_CACHE_ENV, get_device,
+                      get_profile, gpu_memory_override)
 
 OK, WARN, FAIL = "✓", "⚠", "✗"
 Row = namedtuple("Row", "item result status fix", defaults=("",))
@@ -92,6 +93,22 @@ def check_profile(value):
     return Row(PROFILE_ENV, profile if value.strip() else f"未设置，默认 {profile}", OK)
 
 
+def check_gpu_budget(free_gib):
+    """训练时守卫用的显存预算：LLM_GPU_MEMORY_GB，否则 GPU 的空闲显存 free_gib（没有 CUDA 为 None）。"""
+    try:
+        override = gpu_memory_override()
+    except ValueError as e:
+        return Row("显存预算", str(e).split("；")[0], FAIL, f"写成以 GiB 为单位的正数（如 {GPU_MEMORY_ENV}=7.5），或取消它")
+    if override is not None:
+        where = "" if free_gib is not None else "；没有 CUDA，只在 GPU 上训练时使用"
+        return Row("显存预算", f"{override / 2**30:.1f} GiB（来自 {GPU_MEMORY_ENV}{where}）", OK)
+    if free_gib is None:
+        return Row("显存预算", "没有 CUDA：不适用（gpu 配置档按 8 GB 显卡设计，规划峰值不超过 7 GiB）", OK)
+    status = OK if free_gib >= 7 else WARN
+    return Row("显存预算", f"空闲 {free_gib:.1f} GiB（设置 {GPU_MEMORY_ENV} 可改写）", status,
+               "" if status == OK else "gpu 配置档按 7 GiB 规划；放不下时训练会自动切小批次（更慢），或先关掉占用显存的程序")
+
+
 def check_folder(name, path, missing_status):
     """path：环境变量 name 解析成的绝对路径（未设置为 None）。"""
     if path is None or os.path.isdir(path):
@@ -133,6 +150,7 @@ def gather():
         check_compile(system, device_type, importlib.util.find_spec("triton") is not None, compiler),
         check_disk(shutil.disk_usage(REPO_ROOT).free / 1e9),
         check_profile(os.environ.get(PROFILE_ENV, "")),
+        check_gpu_budget(torch.cuda.mem_get_info()[0] / 2**30 if cuda else None),
         check_folder(MIRROR_ENV, mirror_dir(), FAIL),  # 设置了镜像就完全不联网：目录不存在时什么都下载不了
         check_folder(TIKTOKEN_CACHE_ENV, REPO_ROOT / os.path.expanduser(cache) if cache else None, WARN),
         Row(HF_ENDPOINT_ENV, os.environ.get(HF_ENDPOINT_ENV) or "未设置（https://huggingface.co）", OK),

@@ -116,13 +116,14 @@ def _check_generate_args(idx, max_new_tokens, temperature=0.0, top_k=None, top_p
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, eos_id=None, generator=None, use_cache=True):
+             repetition_penalty=1.0, eos_id=None, generator=None, use_cache=True, on_token=None):
     """自回归生成 max_new_tokens 个 token，返回 (batch, T + 新 token 数)。课程里所有的解码都用它。
 
     每一步：next_token_logits -> 重复惩罚 -> sample_next（贪心或温度 + top-k + top-p 采样）。
     context_size 默认为 model.cfg["context_length"]。use_cache=True 时，只要模型有 make_cache 且序列装得下，
     就用 KV 缓存（结果与不用缓存相同，只是更快）；装不下时退回滑动窗口。
     给出 eos_id 时，某一行生成 eos 后该行之后都填 eos_id，所有行都结束就提前停止（eos 保留在结果中）。
+    给出 on_token 时，每生成一步就调用 on_token(next_id)（形状 (batch, 1)），可以边生成边输出（流式）；它返回真值时提前停止。
     生成期间模型临时处于 eval 模式。
     """
     context_size = _context_size(model, context_size)
@@ -140,6 +141,8 @@ def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top
                 next_id = next_id.masked_fill(finished[:, None], eos_id)
                 finished |= next_id[:, 0] == eos_id
             idx = torch.cat([idx, next_id], dim=1)
+            if on_token is not None and on_token(next_id):
+                break
             if eos_id is not None and finished.all():
                 break
     return idx

@@ -23,6 +23,7 @@ CHECKPOINT_ENV = "LLM_CHECKPOINT_DIR"
 TIKTOKEN_CACHE_ENV = "TIKTOKEN_CACHE_DIR"
 ALLOW_DOWNLOAD_ENV = "LLM_ALLOW_DOWNLOAD"  # =1 时才自动下载大文件（如 0.5 GB 的 GPT-2 权重）
 HF_ENDPOINT_ENV = "HF_ENDPOINT"  # Hugging Face 的下载地址，例如国内镜像 https://hf-mirror.com
+GPU_MEMORY_ENV = "LLM_GPU_MEMORY_GB"  # 训练时按多少 GiB 显存规划（默认：GPU 的空闲显存）
 
 PROFILES = ("tiny", "cpu", "gpu")
 
@@ -40,6 +41,20 @@ def get_profile(profile=None):
             f"例如：export {PROFILE_ENV}=cpu（PowerShell：$env:{PROFILE_ENV}=\"cpu\"）"
         )
     return value
+
+
+def gpu_memory_override():
+    """``LLM_GPU_MEMORY_GB`` 给出的显存预算（字节）；未设置时返回 None，不是正数时报错。"""
+    value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = 0.0
+    if not 0 < gib < 1e4:
+        raise ValueError(f"{GPU_MEMORY_ENV}={value!r} 不是有效的显存大小；请写以 GiB 为单位的正数，例如 {GPU_MEMORY_ENV}=7.5")
+    return int(gib * 2**30)
 
 
 def download_allowed():

@@ -160,22 +160,26 @@ def autocast(device, dtype=None):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def train_step(model, optimizer, batches, loss_fn, grad_accum_steps=1, grad_clip=1.0, amp=None, monitor=None):
+def train_step(model, optimizer, batches, loss_fn, grad_accum_steps=1, grad_clip=1.0, amp=None, monitor=None, split=None):
     """一个优化步，返回它的平均损失：grad_accum_steps 个微批次的 loss_fn(batch) 各除以 grad_accum_steps 后反向传播
     （梯度累加），把梯度的总范数裁剪到 grad_clip（None 不裁剪），再 optimizer.step()。损失不是有限数时抛出
     FloatingPointError，参数不更新。monitor（可选）在更新前收到 before_update(model, 裁剪前的梯度范数)，更新后收到 after_update(model)。
 
     DDP 包装的模型只在最后一个微批次同步梯度：前面的放在 model.no_sync() 里，省掉通信。
+    split（可选）把放不下显存的批次切成几份，每份的损失再除以份数：有效批次不变（见 train_loop）。
     """
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for micro in range(grad_accum_steps):
-        skip_sync = hasattr(model, "no_sync") and micro < grad_accum_steps - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with amp or contextlib.nullcontext():
-                loss = loss_fn(next(batches)) / grad_accum_steps
-            loss.backward()
-        total += loss.item()
+        batch = next(batches)
+        pieces = split(batch) if split is not None else [batch]
+        for i, piece in enumerate(pieces):
+            last = micro == grad_accum_steps - 1 and i == len(pieces) - 1
+            with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+                with amp or contextlib.nullcontext():
+                    loss = loss_fn(piece) / (grad_accum_steps * len(pieces))
+                loss.backward()
+            total += loss.item()
     if not math.isfinite(total):
         raise FloatingPointError(f"训练损失是 {total}，参数没有更新。常见原因：学习率太大、数据有问题（例如一批里所有目标都被屏蔽，平均损失是 0/0）")
     grad_norm = None
@@ -198,7 +202,11 @@ def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_ac
     评估、记录与保存检查点都放在那里。预训练、分类、DPO 与 DDP 的训练都用这一个循环，只换 loss_fn 与 on_step。
     损失变成 NaN/inf 时抛出 FloatingPointError 并写明步号。monitor（可选，例如 TensorBoard 记录器）另外在每步之后
     收到 on_step(step + 1, loss, lr, 这一步的秒数)。
+    在 CUDA 上，开训前先用内存规划器（选读“训练速度与内存”）核对显存：批次放不下就切成几份逐份累加梯度，
+    连 1 条都放不下就停下并说明；其他设备上什么也不做。
     """
+    from shared.perf import memory_fitter  # perf 依赖本模块，所以在这里导入
+    split = memory_fitter(model, amp is not None)
     model.train()
     seconds = 0.0
     bar = progress_bar(steps, desc=desc, disable=not progress)
@@ -210,7 +218,7 @@ def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_ac
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
         try:
-            loss = train_step(model, optimizer, batches, loss_fn, grad_accum_steps, grad_clip, amp, monitor)
+            loss = train_step(model, optimizer, batches, loss_fn, grad_accum_steps, grad_clip, amp, monitor, split)
         except FloatingPointError as err:
             raise FloatingPointError(f"第 {step + 1} 步：{err}") from None
         step_seconds = time.perf_counter() - start

@@ -138,3 +138,20 @@ def test_tokenizer():
         n_vocab = 50257
 
     assert doctor.check_tokenizer(Encoding) == doctor.Row("GPT-2 分词器", "可以加载（词表 50257）", OK)
+
+
+def test_gpu_budget(monkeypatch):
+    monkeypatch.delenv("LLM_GPU_MEMORY_GB", raising=False)
+    assert doctor.check_gpu_budget(None).status == OK and "不适用" in doctor.check_gpu_budget(None).result
+    assert doctor.check_gpu_budget(7.6) == doctor.Row("显存预算", "空闲 7.6 GiB（设置 LLM_GPU_MEMORY_GB 可改写）", OK)
+    assert doctor.check_gpu_budget(5.0).status == WARN                      # 桌面占着显存，只剩 5 GiB
+    monkeypatch.setenv("LLM_GPU_MEMORY_GB", "11.5")
+    assert doctor.check_gpu_budget(7.6).result == "11.5 GiB（来自 LLM_GPU_MEMORY_GB）"
+    monkeypatch.setenv("LLM_GPU_MEMORY_GB", "-3")
+    row = doctor.check_gpu_budget(7.6)
+    assert row.status == FAIL and "LLM_GPU_MEMORY_GB='-3'" in row.result and "7.5" in row.fix
+
+
+def test_doctor_prints_the_budget_it_will_use():
+    out = run_doctor(LLM_GPU_MEMORY_GB="6.5").stdout
+    assert "显存预算" in out and "6.5 GiB（来自 LLM_GPU_MEMORY_GB" in out

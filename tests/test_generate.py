@@ -271,3 +271,15 @@ def test_bad_shapes_and_missing_context_raise():
         beam_search(model, PROMPT[:1], 3, num_beams=0)
     with pytest.raises(ValueError, match="批大小 2"):
         beam_search(model, PROMPT, 3, num_beams=2)
+
+
+def test_on_token_sees_every_token_and_can_stop_early():
+    model, prompt = gpt(), PROMPT[:1]
+    seen = []
+    full = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                    on_token=lambda next_id: seen.append(next_id[0, 0].item()))
+    assert seen == full[0, 3:].tolist(), "on_token 应按顺序收到每一个新 token"
+    calls = []
+    stopped = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                       on_token=lambda next_id: calls.append(next_id) or len(calls) == 2)
+    assert torch.equal(stopped, full[:, :5]), "on_token 返回真值时，生成在这个 token 之后停止"

@@ -1,9 +1,13 @@
 """仓库层面的约定：README 的测试命令就是 CI 跑的命令；笔记本的存档输出干净可信。"""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in REPO.glob("[0-9][0-9]_*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
@@ -49,3 +53,16 @@ def test_notebook_is_clean(path):
     assert None not in counts and counts == sorted(counts), "单元格应从上到下一次运行"
     if (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5):  # 4.5 起每个单元格都要有 id，否则 nbformat 警告、将来报错
         assert all("id" in c for c in nb["cells"]), "有单元格缺少 id（手工插入单元格时要加上）"
+
+
+def test_pytest_defaults_to_tiny_and_says_so(tmp_path):
+    """不设 LLM_PROFILE 运行 pytest：表头写明 tiny，笔记本的内核也用 tiny（保存的检查点是 tiny 档的词表大小 500）。"""
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_PROFILE", "PYTEST_XDIST_WORKER", "PYTEST_CURRENT_TEST")}
+    env.update(LLM_CHECKPOINT_DIR=str(tmp_path), CI="true")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-o", "addopts=--nbval-lax",
+                           "01_pytorch/01_pytorch_basics.ipynb"], cwd=REPO, env=env, capture_output=True, text=True,
+                          encoding="utf-8", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "profile: tiny（LLM_PROFILE 未设置，测试默认 tiny）" in proc.stdout
+    shapes = [tuple(t.shape) for t in load_file(tmp_path / "01_pytorch_sentiment_mlp.safetensors").values()]
+    assert any(500 in s for s in shapes) and not any(2000 in s for s in shapes), shapes

@@ -138,3 +138,16 @@ def test_download_allowed_reads_the_switch(monkeypatch, value, allowed):
     else:
         monkeypatch.setenv("LLM_ALLOW_DOWNLOAD", value)
     assert runtime.download_allowed() is allowed
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("7", 7 * 2**30), (" 7.5 ", int(7.5 * 2**30))])
+def test_gpu_memory_override(monkeypatch, value, expected):
+    monkeypatch.setenv("LLM_GPU_MEMORY_GB", value)
+    assert runtime.gpu_memory_override() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "eight", "nan", "8GB"])
+def test_gpu_memory_override_rejects_nonsense(monkeypatch, value):
+    monkeypatch.setenv("LLM_GPU_MEMORY_GB", value)
+    with pytest.raises(ValueError, match="不是有效的显存大小；请写以 GiB 为单位的正数"):
+        runtime.gpu_memory_override()
