@@ -138,14 +138,13 @@ def plan_generation_memory(cfg, batch_size, max_len, bytes_per_value=4):
             "total": count_params_formula(cfg) * bytes_per_value + kv_cache}
 
 
-def recommend_micro_batch(cfg, seq_len, budget_bytes, effective_batch, **plan_options):
-    """不超过内存预算的最大微批次（2 的幂，且整除 effective_batch），返回 (微批次, 梯度累加步数, 计划)；放不下返回 None。"""
-    micro = effective_batch
-    while micro >= 1:
-        plan = plan_memory(cfg, micro, seq_len, **plan_options)
-        if effective_batch % micro == 0 and plan["total"] <= budget_bytes:
-            return micro, effective_batch // micro, plan
-        micro //= 2
+def recommend_micro_batch(cfg, seq_len, budget_bytes, effective_batch, seqs=1, **plan_options):
+    """不超过内存预算的最大微批次（整除 effective_batch），返回 (微批次, 梯度累加步数, 计划)；放不下返回 None。
+    seqs：每条样本有几个序列（DPO 的 chosen 与 rejected 是 2 个）。"""
+    for accum in (k for k in range(1, effective_batch + 1) if effective_batch % k == 0):
+        plan = plan_memory(cfg, effective_batch // accum * seqs, seq_len, **plan_options)
+        if plan["total"] <= budget_bytes:
+            return effective_batch // accum, accum, plan
     return None
 
 
@@ -230,11 +229,11 @@ def split_batch(batch, chunks):
 def plan_split(cfg, params, batch, budget, held, amp=False):
     """最小的切分份数 k（整除条数），使 已占用 − 4·参数量（已在规划里的 fp32 权重）+ 规划峰值 ≤ 预算；返回 (k, 规划)。"""
     rows, seqs, seq_len = batch_shape(batch)
-    for chunks in (k for k in range(1, rows + 1) if rows % k == 0):
-        plan = plan_memory(cfg, rows // chunks * seqs, seq_len, amp=amp, params=params)
-        if held - 4 * params + plan["total"] <= budget:
-            return chunks, plan
-    need = held - 4 * params + plan["total"]
+    room = budget - held + 4 * params  # 留给这一步规划的字节数
+    answer = recommend_micro_batch(cfg, seq_len, room, rows, seqs, amp=amp, params=params)
+    if answer is not None:
+        return answer[1], answer[2]
+    need = held - 4 * params + plan_memory(cfg, seqs, seq_len, amp=amp, params=params)["total"]
     raise MemoryError(
         f"显存不够：每次只算 1 条（{seqs} 条长 {seq_len} 的序列），这一步也要约 {need / 2**30:.1f} GiB，"
         f"而可用的只有 {budget / 2**30:.1f} GiB（模型 {params / 1e6:.0f}M 参数）。"
