@@ -1,5 +1,6 @@
 """文本分类微调：SMS 垃圾短信数据、均衡分层切分、右侧填充、取最后一个真实 token 分类、
-换分类头并冻结、准确率与训练循环，在 06_finetuning/01_classification 中讲解。"""
+换分类头并冻结、准确率与训练循环，在 06_finetuning/01_classification 中讲解；
+取第一个 token 与平均池化两种对照，在 06_finetuning/bonus_classification_experiments 中讲解。"""
 import zipfile
 
 import numpy as np
@@ -108,21 +109,22 @@ def calc_accuracy(logits, labels):
 
 
 @torch.no_grad()
-def predict_loader(model, loader, device, max_batches=None):
-    """在 eval 模式下对 loader 中的（前 max_batches 个）批次做预测，返回 (logits (N, C), labels (N,))，都在 CPU 上。"""
+def predict_loader(model, loader, device, max_batches=None, pool=last_token_logits):
+    """在 eval 模式下对 loader 中的（前 max_batches 个）批次做预测，返回 (logits (N, C), labels (N,))，都在 CPU 上。
+    pool(model, input_ids, lengths) -> (B, C) 决定用哪个位置的输出分类，默认是最后一个真实 token。"""
     all_logits, all_labels = [], []
     with eval_mode(model):
         for i, (input_ids, lengths, labels) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            all_logits.append(last_token_logits(model, input_ids.to(device), lengths).float().cpu())
+            all_logits.append(pool(model, input_ids.to(device), lengths).float().cpu())
             all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate_classifier(model, loader, device, max_batches=None):
+def evaluate_classifier(model, loader, device, max_batches=None, pool=last_token_logits):
     """(平均交叉熵, 准确率)，按样本数加权。"""
-    logits, labels = predict_loader(model, loader, device, max_batches)
+    logits, labels = predict_loader(model, loader, device, max_batches, pool)
     return F.cross_entropy(logits, labels).item(), calc_accuracy(logits, labels)
 
 
@@ -176,3 +178,18 @@ def classify_text(text, model, tokenizer, device, max_length, labels=LABELS):
     probs = torch.softmax(logits[0].float(), dim=-1)
     k = int(probs.argmax())
     return labels[k], probs[k].item()
+
+
+# ---- 06_finetuning/bonus_classification_experiments.ipynb ----
+def first_token_logits(model, input_ids, lengths):
+    """取每条序列第一个 token 的 logits，得到 (B, C)。因果注意力下，第一个 token 只看得到它自己。"""
+    return model(input_ids)[:, 0]
+
+
+def mean_pooled_logits(model, input_ids, lengths):
+    """对每条序列前 lengths 个真实 token 的 logits 取平均，得到 (B, C)；填充位置不计入。
+    输出头是线性（仿射）层，所以这与“先对隐藏状态取平均、再过输出头”完全相同。"""
+    logits = model(input_ids)
+    lengths = lengths.to(logits.device)
+    real = torch.arange(input_ids.shape[1], device=logits.device) < lengths[:, None]
+    return (logits * real[..., None]).sum(dim=1) / lengths[:, None]

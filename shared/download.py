@@ -24,6 +24,7 @@ INSTRUCTION_DATA = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/ma
 PREFERENCE_DATA = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json"
 TANG_POEMS = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master/全唐诗/poet.tang.{start}.json"
 WAIMAI_10K = "https://raw.githubusercontent.com/SophonPlus/ChineseNlpCorpus/master/datasets/waimai_10k/waimai_10k.csv"
+HOTEL_REVIEWS = "https://raw.githubusercontent.com/SophonPlus/ChineseNlpCorpus/master/datasets/ChnSentiCorp_htl_all/ChnSentiCorp_htl_all.csv"
 
 KNOWN_FILES = {
     THE_VERDICT: ("b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20479),
@@ -33,6 +34,7 @@ KNOWN_FILES = {
     INSTRUCTION_DATA: ("7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944", 203524),
     PREFERENCE_DATA: ("305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e", 386968),
     WAIMAI_10K: ("b8b5c11c00b51578d35937fca56e03a126b45381f1ea4b22893237cb377a26fe", 919380),
+    HOTEL_REVIEWS: ("1d414b9c65caf3a836abdb4efded621968502ad3338e1a9d885ae131c86083f0", 2904858),
 }
 
 

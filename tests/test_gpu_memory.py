@@ -130,6 +130,12 @@ def workloads(nb):
         runs.update({f"planner check {x} x {y} sdpa={sdpa}": (1, plan_memory(dict(GPT2, sdpa=sdpa), x, y)["total"])
                      for x, y, sdpa in s["plan_checks"]})
         return runs
+    if nb == "06_finetuning/bonus_classification_experiments.ipynb":  # 字符级 GPT（汉字词表按 4000 个的上限规划）
+        cfg = dict(GPT2, vocab_size=4000, context_length=max(s["lengths"] + (s["context"],)), **s["model"])
+        held = 4 * count_params_formula(cfg)  # 预训练起点一直在显存里，微调用它的拷贝
+        return {"char-level pretraining": train(cfg, s["pretrain_batch"], s["context"]),
+                "classifier, longest truncation": train(dict(cfg, vocab_size=2), s["batch_size"], max(s["lengths"]),
+                                                        held=held, params=count_params_formula(cfg))}
     base = 4 * P124  # 第 6、7 章：起点模型一直留在显存里，每次训练用它的一份拷贝
     n = longest()  # gpu 档从 GPT-2 出发：上下文 1024，比数据里最长的序列还长，所以序列长度取数据的最长值
     sms = min(n["sms"], s.get("max_length") or 1024)
