@@ -1,5 +1,7 @@
 """中文评论情感分类的实验工具：读取并清洗评论 CSV、分层切分、学习曲线用的嵌套分层子集、
 字 n-gram 逻辑回归基线、字符级分词器，在 06_finetuning/bonus_classification_experiments 中讲解。"""
+import itertools
+
 import numpy as np
 import pandas as pd
 import torch
@@ -7,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .download import download
+from .train import train_loop
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
 
@@ -72,15 +75,14 @@ class NgramLogReg(nn.Module):
 
 
 def train_ngram_logreg(train_df, n_max=2, epochs=30, lr=0.1, weight_decay=1e-4):
-    """用全批量 AdamW 训练 NgramLogReg（二分类交叉熵），返回模型。权重从 0 开始，结果只取决于数据。"""
+    """用全批量 AdamW 训练 NgramLogReg（二分类交叉熵），返回模型：每个 epoch 是第 5 章 train_loop 的一步，
+    整个训练集就是那一批（不裁剪梯度）。权重从 0 开始，结果只取决于数据。"""
     model = NgramLogReg(train_df["text"], n_max)
-    ids, offsets = model.encode(train_df["text"])
-    y = torch.tensor(train_df["label"].to_numpy(), dtype=torch.float)
+    batch = (*model.encode(train_df["text"]), torch.tensor(train_df["label"].to_numpy(), dtype=torch.float))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        F.binary_cross_entropy_with_logits(model(ids, offsets), y).backward()
-        optimizer.step()
+    train_loop(model, optimizer, itertools.repeat(batch),
+               lambda b: F.binary_cross_entropy_with_logits(model(b[0], b[1]), b[2]), range(epochs),
+               grad_clip=None, progress=False)
     return model
 
 
