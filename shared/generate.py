@@ -116,7 +116,7 @@ def _check_generate_args(idx, max_new_tokens, temperature=0.0, top_k=None, top_p
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, eos_id=None, generator=None, use_cache=True, on_token=None):
+             repetition_penalty=1.0, eos_id=None, generator=None, use_cache=True, on_token=None, allowed=None):
     """自回归生成 max_new_tokens 个 token，返回 (batch, T + 新 token 数)。课程里所有的解码都用它。
 
     每一步：next_token_logits -> 重复惩罚 -> sample_next（贪心或温度 + top-k + top-p 采样）。
@@ -124,6 +124,7 @@ def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top
     就用 KV 缓存（结果与不用缓存相同，只是更快）；装不下时退回滑动窗口。
     给出 eos_id 时，某一行生成 eos 后该行之后都填 eos_id，所有行都结束就提前停止（eos 保留在结果中）。
     给出 on_token 时，每生成一步就调用 on_token(next_id)（形状 (batch, 1)），可以边生成边输出（流式）；它返回真值时提前停止。
+    给出 allowed 时，每一步只在 allowed(idx)（形状 (batch, V) 的布尔张量）为真的 token 里选：约束解码（唐诗选读）。
     生成期间模型临时处于 eval 模式。
     """
     context_size = _context_size(model, context_size)
@@ -136,6 +137,11 @@ def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top
     with eval_mode(model):
         for _ in range(max_new_tokens):
             logits = apply_repetition_penalty(next_token_logits(model, idx, context_size, cache), idx, repetition_penalty)
+            if allowed is not None:
+                mask = allowed(idx)
+                if not mask.any(dim=-1).all():
+                    raise ValueError("allowed(idx) 给某一行的 token 全是 False：每行至少要允许一个 token")
+                logits = logits.masked_fill(~mask, float("-inf"))
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_id = next_id.masked_fill(finished[:, None], eos_id)

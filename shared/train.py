@@ -229,6 +229,7 @@ def train_loop(model, optimizer, batches, loss_fn, steps, *, lr_at=None, grad_ac
         if on_step is not None:
             on_step(step + 1, loss, optimizer.param_groups[0]["lr"])
     bar.close()
+    optimizer.zero_grad(set_to_none=True)  # 训练完就释放梯度：留下来的模型不再多占一份参数大小的内存
     return seconds
 
 

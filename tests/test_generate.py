@@ -283,3 +283,23 @@ def test_on_token_sees_every_token_and_can_stop_early():
     stopped = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
                        on_token=lambda next_id: calls.append(next_id) or len(calls) == 2)
     assert torch.equal(stopped, full[:, :5]), "on_token 返回真值时，生成在这个 token 之后停止"
+
+
+def test_allowed_mask_restricts_every_step_and_rejects_an_empty_row():
+    model, idx = gpt(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    even = torch.zeros(VOCAB, dtype=torch.bool)
+    even[::2] = True
+    calls = []
+
+    def allowed(seq):
+        calls.append(seq.shape[1])
+        return even.expand(seq.shape[0], -1)
+
+    out = generate(model, idx, 6, temperature=1.0, generator=torch.Generator().manual_seed(0), allowed=allowed)
+    assert calls == [3, 4, 5, 6, 7, 8]  # 每一步看到的是到这一步为止的整个序列
+    assert (out[:, 3:] % 2 == 0).all()
+    with torch.no_grad():  # 贪心 + 掩码 = 在允许的 token 里取 logit 最大的
+        logits = model(idx)[:, -1].masked_fill(~even, float("-inf"))
+    assert torch.equal(generate(model, idx, 1, allowed=allowed)[:, -1], logits.argmax(-1))
+    with pytest.raises(ValueError, match="每行至少要允许一个 token"):
+        generate(model, idx, 2, allowed=lambda seq: torch.zeros(seq.shape[0], VOCAB, dtype=torch.bool))

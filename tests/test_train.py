@@ -250,6 +250,7 @@ def test_train_loop_sets_lr_seeds_each_step_and_calls_the_hook():
         expected.append(torch.rand(1).item())
     # 第一步取批次时 DataLoader 新建迭代器，会从全局随机数里取一个种子，所以第一步之后的随机数才与手算的一致
     assert draws[1:] == expected[1:]
+    assert all(p.grad is None for p in model.parameters())  # 训练结束时释放了梯度，留下的模型不多占内存
 
 
 def test_evaluate_restores_the_training_mode():
