@@ -122,6 +122,11 @@ def workloads(nb):
         cfg = dict(GPT2, emb_dim=m["emb_dim"], n_layers=m["n_layers"], n_heads=m["n_heads"])
         experts = m["num_experts"] * 3 * m["emb_dim"] * m["moe_hidden_dim"] * m["n_layers"]
         return {"MoE training": train(cfg, s["batch_size"], s["max_length"], params=count_params_formula(cfg) + experts)}
+    if nb == "05_pretraining/bonus_tang_poetry_gpt.ipynb":  # 逐字词表按 8000 个的上限规划；分词器对比里 GPT-2 的词表最大
+        char = dict(GPT2, vocab_size=8000, context_length=s["context"], **s["model"])
+        small = dict(GPT2, vocab_size=50257, context_length=s["cmp_context"], **s["cmp_model"])
+        return {"char-level GPT": train(char, s["batch"], s["context"]),
+                "tokenizer comparison (GPT-2 vocab)": train(small, 16, s["cmp_context"])}
     if nb == "05_pretraining/bonus_training_speed.ipynb":
         b, t = s["batch"], s["seq"]
         shapes = {(b, t), (s["ckpt_batch"], t), *((x, t) for x in s["batches"]), *((b, x) for x in s["seqs"])}
