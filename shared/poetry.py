@@ -1,5 +1,6 @@
 """唐诗：读取《全唐诗》、转简体、清洗成规整的五言/七言绝句与律诗、按十三辙判断押韵、程序化的格式检查与约束解码，
-在 05_pretraining/bonus_tang_poetry_gpt 中讲解。"""
+在 05_pretraining/bonus_tang_poetry_gpt 中讲解；
+指令数据（藏头、命题、续写）、扩充字符词表与藏头绝句的可验证奖励在 06_finetuning/bonus_tang_poetry_sft_rl 中讲解。"""
 import functools
 import hashlib
 import json
@@ -12,6 +13,7 @@ import torch
 from pypinyin import Style, pinyin
 
 from .download import TANG_POEMS, DownloadError, download
+from .instruct import RESPONSE_HEADER
 from .runtime import MIRROR_ENV, checkpoint_dir, get_profile
 
 # ==== 以下内容由 `python -m shared.export` 从笔记本的 #@save 单元格生成，请勿直接修改 ====
@@ -155,3 +157,100 @@ def format_constraint(tokenizer, prompt_len, lengths, counts, rhyme=False):
             mask = torch.where(rhyming[:, None].to(idx.device), mask & same.to(idx.device), mask)
         return mask
     return allowed
+
+
+# ---- 06_finetuning/bonus_tang_poetry_sft_rl.ipynb ----
+def load_tang_splits(seed=0):
+    """上一本的数据流程一次做完：读《全唐诗》、clean_poem、按正文去重（留第一次出现的）、split_poems，返回 {"train", "val", "test"}。"""
+    poems = {}
+    for poem in map(clean_poem, load_tang_poems()):
+        if poem is not None:
+            poems.setdefault("".join(poem["lines"]), poem)
+    return split_poems(list(poems.values()), seed)
+
+
+INSTRUCTION_HEADER = "### Instruction:\n"  # 与第 6 章相同的标题；回答前的标题是 shared.instruct.RESPONSE_HEADER
+
+
+def poem_prompt(instruction):
+    """第 6 章的提示词格式（去掉英文前言）：### Instruction: 指令，### Response: 之后由模型续写。"""
+    return INSTRUCTION_HEADER + instruction + RESPONSE_HEADER
+
+
+def poem_instruction(poem, kind):
+    """由一首真诗造一条指令数据 {"kind", "instruction", "output", ...}，output 按构造满足 instruction：
+    "acrostic" 藏头（heads 为各句首字），"title" 以题目命题，"continue" 给出第一句、续写其余各句。"""
+    lines, form = poem["lines"], poem["form"]
+    text = poem_text(lines)
+    if kind == "acrostic":
+        heads = "".join(line[0] for line in lines)
+        return {"kind": kind, "instruction": f"写一首{form}，藏头：{heads}", "output": text, "heads": heads,
+                "length": len(lines[0])}
+    if kind == "title":
+        return {"kind": kind, "instruction": f"以《{poem['title']}》为题写一首{form}", "output": text, "form": form}
+    if kind == "continue":
+        return {"kind": kind, "instruction": f"续写：{lines[0]}，", "output": text[len(lines[0]) + 1:], "first": lines[0]}
+    raise ValueError(f"未知的指令类型 {kind!r}；可选 acrostic / title / continue")
+
+
+def follows_instruction(example, response):
+    """回答是否满足指令（只查程序能查的部分）：格式（字数、句数、标点）都对，而且
+    藏头：各句首字依次是 heads、每句 length 个字；命题：体裁对；续写：接上第一句后是一首完整的诗。"""
+    kind = example["kind"]
+    if kind == "continue":
+        lines, text = poem_lines(example["first"] + "，" + response), example["first"] + "，" + response
+    else:
+        lines, text = poem_lines(response), response
+    checks = check_poem(text)
+    if not (checks["line length"] and checks["line count"] and checks["punctuation"]):
+        return False
+    if kind == "acrostic":
+        return "".join(line[0] for line in lines) == example["heads"] and len(lines[0]) == example["length"]
+    if kind == "title":
+        return FORMS[len(lines[0]), len(lines)] == example["form"]
+    return True
+
+
+def poem_lines(text):
+    """一首诗（一行文字）按“，”“。”切成诗句；末尾的标点不产生空句。"""
+    return re.split(r"[，。]", text[:-1] if text.endswith(("，", "。")) else text)
+
+
+def extend_vocab(tokenizer, model, text):
+    """把 text 里词表没有的字符追加到字符级 tokenizer 的末尾（原有 id 不变），模型的嵌入（与共享权重的输出层）同步加行，
+    新行取原有各行的平均值。返回新加的字符。"""
+    new = sorted(set(text) - set(tokenizer.ids))
+    for ch in new:
+        tokenizer.ids[ch] = len(tokenizer.chars)
+        tokenizer.chars.append(ch)
+    old = model.tok_emb.weight.data
+    if len(old) != len(tokenizer.chars) - len(new) or not model.cfg.get("tie_weights", True):
+        raise ValueError("模型的词表行数与 tokenizer 不一致，或输出层没有与嵌入共享权重")
+    model.tok_emb = torch.nn.Embedding(len(tokenizer.chars), old.shape[1]).to(old.device)
+    model.tok_emb.weight.data = torch.cat([old, old.mean(dim=0).expand(len(new), -1)])
+    model.out_head.weight = model.tok_emb.weight
+    model.cfg["vocab_size"] = len(tokenizer.chars)
+    return new
+
+
+def acrostic_reward(text, heads, length):
+    """藏头绝句的可验证奖励。text：模型写的诗（一行，不含换行），heads：藏头字，length：每句字数。
+    返回 {"acrostic": 首字对了的句数比例, "format", "rhyme", "repeated", "success", "reward"}：
+    format = 句数等于藏头字数、每句 length 个字、标点是“上句，下句。”；rhyme = 偶数句押韵（十三辙）且末字互不相同；
+    repeated = 有完全相同的两句；reward = (acrostic + format + rhyme) / 3，有重复句时为 0；success = 全部满足。"""
+    lines = poem_lines(text)
+    checks = check_poem(text)
+    form_ok = checks["punctuation"] and len(lines) == len(heads) and all(len(line) == length for line in lines)
+    acrostic = sum(line[:1] == head for line, head in zip(lines, heads)) / len(heads)
+    ends = [line[-1:] for line in lines[1::2]]
+    rhyme = checks["rhyme"] and len(set(ends)) == len(ends)
+    repeated = len(set(lines)) < len(lines)
+    reward = 0.0 if repeated else (acrostic + form_ok + rhyme) / 3
+    return {"acrostic": acrostic, "format": form_ok, "rhyme": rhyme, "repeated": repeated,
+            "success": acrostic == 1 and form_ok and rhyme and not repeated, "reward": reward}
+
+
+def distinct_n(texts, n=2):
+    """多样性：这些诗里所有（不跨标点的）字 n 元组中，不同的占多少。全是同一首诗时很低，每首都不一样时接近 1。"""
+    grams = [line[i:i + n] for text in texts for line in poem_lines(text) for i in range(len(line) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

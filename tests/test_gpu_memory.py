@@ -127,6 +127,13 @@ def workloads(nb):
         small = dict(GPT2, vocab_size=50257, context_length=s["cmp_context"], **s["cmp_model"])
         return {"char-level GPT": train(char, s["batch"], s["context"]),
                 "tokenizer comparison (GPT-2 vocab)": train(small, 16, s["cmp_context"])}
+    if nb == "06_finetuning/bonus_tang_poetry_sft_rl.ipynb":  # 起点是上一本 gpu 档的模型（词表上限 8000 + 模板字符）
+        base = notebook_value("05_pretraining/bonus_tang_poetry_gpt.ipynb", "SETTINGS")
+        char = dict(GPT2, vocab_size=8100, context_length=128, **base["model"])
+        ref = 4 * count_params_formula(char)  # 冻结的参考模型
+        return {"SFT": train(char, s["sft_batch"], 128),
+                "DPO (chosen + rejected)": train(char, s["dpo_batch"], 128, seqs=2, held=ref),
+                "GRPO rollout batch": train(char, s["group"] * s["prompts_per_step"], 128, held=ref)}
     if nb == "05_pretraining/bonus_training_speed.ipynb":
         b, t = s["batch"], s["seq"]
         shapes = {(b, t), (s["ckpt_batch"], t), *((x, t) for x in s["batches"]), *((b, x) for x in s["seqs"])}

@@ -1,4 +1,5 @@
-"""shared.poetry：《全唐诗》的读取与清洗、繁简转换、十三辙押韵、格式检查与约束解码（05_pretraining/bonus_tang_poetry_gpt）。"""
+"""shared.poetry：《全唐诗》的读取与清洗、繁简转换、十三辙押韵、格式检查与约束解码（05_pretraining/bonus_tang_poetry_gpt）；
+指令数据、词表扩充与藏头绝句的奖励（06_finetuning/bonus_tang_poetry_sft_rl）。"""
 import pytest
 import torch
 
@@ -6,7 +7,8 @@ from shared import poetry
 from shared.download import DownloadError
 from shared.generate import generate
 from shared.model import GPTModel, model_config
-from shared.poetry import (check_poem, clean_poem, even_lines_rhyme, format_constraint, poem_text, rhyme_groups,
+from shared.poetry import (acrostic_reward, check_poem, clean_poem, distinct_n, even_lines_rhyme, extend_vocab,
+                           follows_instruction, format_constraint, poem_instruction, poem_prompt, poem_text, rhyme_groups,
                            split_lines, split_poems, strip_notes, to_simplified)
 from shared.reviews import CharTokenizer
 
@@ -113,3 +115,97 @@ def test_load_tang_poems_checks_the_digest(monkeypatch):
     monkeypatch.setattr(poetry, "TANG_DIGEST", "0" * 64)
     with pytest.raises(DownloadError, match="《全唐诗》文件与课程核对过的版本不同"):
         poetry.load_tang_poems()
+
+
+def test_load_tang_splits_reproduces_the_pretraining_split():
+    splits = poetry.load_tang_splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 33_135, "val": 1_840, "test": 1_842}  # 上一本打印的数字
+    keys = {name: {"".join(p["lines"]) for p in part} for name, part in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+
+
+CHUNXIAO = {"title": "春晓", "form": "五言绝句", "lines": ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少"]}
+LIANGZHOUCI = {"title": "凉州词", "form": "七言绝句",
+               "lines": ["黄河远上白云间", "一片孤城万仞山", "羌笛何须怨杨柳", "春风不度玉门关"]}
+
+
+@pytest.mark.parametrize("poem", [CHUNXIAO, LIANGZHOUCI])
+@pytest.mark.parametrize("kind", ["acrostic", "title", "continue"])
+def test_every_sft_target_satisfies_its_instruction(poem, kind):
+    example = poem_instruction(poem, kind)
+    assert follows_instruction(example, example["output"])
+    prompt = poem_prompt(example["instruction"])
+    assert prompt.startswith("### Instruction:\n") and prompt.endswith("\n\n### Response:\n")
+    other = poem_text(JINGYESI_LINES if poem is not CHUNXIAO else ["一二三四五六七"] * 4)
+    assert not follows_instruction(example, other[len(poem["lines"][0]) + 1:] if kind == "continue" else other)
+
+
+JINGYESI_LINES = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"]
+
+
+def test_poem_instruction_contents_and_bad_kind():
+    assert poem_instruction(CHUNXIAO, "acrostic")["instruction"] == "写一首五言绝句，藏头：春处夜花"
+    assert poem_instruction(LIANGZHOUCI, "title")["instruction"] == "以《凉州词》为题写一首七言绝句"
+    cont = poem_instruction(CHUNXIAO, "continue")
+    assert cont["instruction"] == "续写：春眠不觉晓，" and cont["output"] == "处处闻啼鸟。夜来风雨声，花落知多少。"
+    assert not follows_instruction(poem_instruction(CHUNXIAO, "acrostic"), poem_text(JINGYESI_LINES))  # 字数对、藏头不对
+    with pytest.raises(ValueError, match="未知的指令类型"):
+        poem_instruction(CHUNXIAO, "haiku")
+
+
+HEADS = "春夏秋冬"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("春风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。", dict(acrostic=1, format=True, rhyme=True, success=True, reward=1)),
+    ("东风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。", dict(acrostic=0.75, format=True, rhyme=True, success=False)),
+    # 藏头全对但字数不对：格式不过
+    ("春风吹柳绿如烟，夏雨打荷香。秋月照山冷，冬雪满城霜。", dict(acrostic=1, format=False, success=False)),
+    ("春风吹柳绿如烟，夏雨打荷香满塘。秋月照山冷清清，冬雪满城霜满城。", dict(acrostic=1, format=False, success=False)),
+    ("春风吹柳绿，夏雨打荷花。秋月照山冷，冬雪满城霜。", dict(rhyme=False, success=False)),
+    # 同一个字结尾（重韵）不算押韵
+    ("春风吹柳绿，夏雨打荷霜。秋月照山冷，冬雪满城霜。", dict(rhyme=False, success=False)),
+    # 重复的句子：奖励为 0
+    ("春风吹柳绿，春风吹柳绿。春风吹柳绿，春风吹柳绿。", dict(repeated=True, reward=0, success=False)),
+    ("春风吹柳绿，夏雨打荷香。春风吹柳绿，冬雪满城霜。", dict(repeated=True, reward=0, success=False)),
+    ("春风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。春", dict(format=False, success=False)),
+    ("春风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。春风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。",
+     dict(format=False, repeated=True, reward=0)),
+    ("春风吹柳绿，夏雨打荷香", dict(format=False, rhyme=False, success=False, acrostic=0.5)),
+    ("", dict(acrostic=0, format=False, rhyme=False, success=False, reward=0)),
+])
+def test_acrostic_reward_on_hand_written_and_adversarial_poems(text, expected):
+    result = acrostic_reward(text, HEADS, 5)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), (key, result)
+    assert 0 <= result["reward"] <= 1
+
+
+def test_acrostic_reward_wants_the_requested_line_length():
+    good5 = "春风吹柳绿，夏雨打荷香。秋月照山冷，冬雪满城霜。"
+    assert acrostic_reward(good5, HEADS, 5)["success"] and not acrostic_reward(good5, HEADS, 7)["format"]
+
+
+def test_distinct_n():
+    assert distinct_n(["一二三四五，六七八九十。"] * 4, 2) == pytest.approx(8 / 32)
+    assert distinct_n(["一二三四五，六七八九十。", "甲乙丙丁戊，己庚辛壬癸。"], 2) == 1.0
+    assert distinct_n([], 2) == 0.0
+
+
+def test_extend_vocab_keeps_old_ids_and_outputs():
+    tok = CharTokenizer(["春风吹柳绿\n"], min_count=1)
+    torch.manual_seed(0)
+    model = GPTModel(dict(model_config("tiny"), vocab_size=len(tok), context_length=16))
+    idx = torch.tensor([tok.encode("春风吹")])
+    before = model(idx).detach()
+    old_ids = dict(tok.ids)
+    new = extend_vocab(tok, model, "### 春风：")
+    assert new == [" ", "#", "："] and all(tok.ids[c] == i for c, i in old_ids.items())
+    after = model(idx).detach()
+    assert after.shape[-1] == len(tok) == model.cfg["vocab_size"]
+    torch.testing.assert_close(after[..., :len(old_ids)], before, rtol=0, atol=1e-6)  # 旧 token 的 logits 不变（1e-6）
+    torch.testing.assert_close(model.tok_emb.weight[-1], model.tok_emb.weight[:-3].mean(0))
+    assert model.out_head.weight is model.tok_emb.weight
+    assert extend_vocab(tok, model, "春风") == []
+    with pytest.raises(ValueError, match="词表行数与 tokenizer 不一致"):
+        extend_vocab(CharTokenizer(["春"], min_count=1), model, "#")
