@@ -115,11 +115,16 @@ def even_lines_rhyme(lines):
     return len(ends) >= 2 and bool(frozenset.intersection(*ends))
 
 
+def poem_lines(text):
+    """一首诗（一行文字）按“，”“。”切成诗句；末尾的标点不产生空句。"""
+    return re.split(r"[，。]", text[:-1] if text.endswith(("，", "。")) else text)
+
+
 def check_poem(text):
     """一首生成的诗（一行文字，不含换行）-> 各项检查是否通过：
     line length 每句字数相同且是 5 或 7；line count 4 或 8 句；punctuation 由“上句，下句。”组成、没有别的字符；
     rhyme 偶数句押韵（十三辙）；all 全部通过。"""
-    lines = re.split(r"[，。]", text[:-1] if text.endswith(("，", "。")) else text)
+    lines = poem_lines(text)
     lengths = {len(line) for line in lines}
     result = {"line length": len(lengths) == 1 and lengths <= {5, 7},
               "line count": len(lines) in (4, 8),
@@ -209,11 +214,6 @@ def follows_instruction(example, response):
     if kind == "title":
         return FORMS[len(lines[0]), len(lines)] == example["form"]
     return True
-
-
-def poem_lines(text):
-    """一首诗（一行文字）按“，”“。”切成诗句；末尾的标点不产生空句。"""
-    return re.split(r"[，。]", text[:-1] if text.endswith(("，", "。")) else text)
 
 
 def extend_vocab(tokenizer, model, text):
