@@ -72,12 +72,21 @@ def response_logprobs(logits, targets, ignore_index=IGNORE_INDEX):
     return token_logprobs.view(targets.shape).sum(dim=1)
 
 
-def sequence_logprobs(model, inputs, targets):
-    """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)，即 response_logprobs(model(inputs), targets)。
-    只在回答位置算输出层（GPTModel 的 keep 参数），再按行求和：结果相同（浮点误差以内），计算少得多。"""
+def token_logprobs(model, inputs, targets):
+    """每个回答 token 的对数概率 log π(y_t | x, y_<t)，形状 (B, T)，提示词与填充的位置为 0。
+    只在回答位置算输出层（GPTModel 的 keep 参数）。某一行没有回答 token 时报错。"""
     keep = response_mask(targets)
-    token_logprobs = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
-    return token_logprobs.new_zeros(len(targets)).index_add(0, keep.nonzero()[:, 0], token_logprobs)
+    out = torch.zeros(targets.shape, device=targets.device)
+    out[keep] = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
+    return out
+
+
+def sequence_logprobs(model, inputs, targets):
+    """模型给每条序列回答部分的对数概率 log π(y|x)，形状 (B,)：token_logprobs 按行求和（index_add 只加回答位置）。
+    与 response_logprobs(model(inputs), targets) 的结果在浮点误差以内相同，计算少得多。"""
+    keep = response_mask(targets)
+    logps = token_logprobs(model, inputs, targets)[keep]
+    return logps.new_zeros(len(targets)).index_add(0, keep.nonzero()[:, 0], logps)
 
 
 def frozen_copy(model):

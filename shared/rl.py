@@ -1,10 +1,10 @@
-"""可验证奖励的强化学习 (RLVR)：按组采样回答、GRPO 的组内相对优势、逐 token 对数概率、截断比值 + KL 惩罚的损失与训练循环，
+"""可验证奖励的强化学习 (RLVR)：按组采样回答、GRPO 的组内相对优势、截断比值 + KL 惩罚的损失与训练循环，
 在 06_finetuning/bonus_tang_poetry_sft_rl 中讲解。"""
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from .dpo import token_logprobs
 from .generate import generate
 from .instruct import collate_instruction
 from .train import IGNORE_INDEX, cosine_schedule, train_loop
@@ -48,15 +48,6 @@ def completion_batch(prompts, completions, eos_id):
         if not ended:
             targets[row, len(ids) - 1] = IGNORE_INDEX
     return inputs.to(prompts.device), targets.to(prompts.device)
-
-
-def token_logprobs(model, inputs, targets):
-    """每个位置上目标 token 的对数概率 log π(y_t | y_<t)，形状 (B, T)；targets == IGNORE_INDEX 的位置为 0。
-    只在要计分的位置算输出层（GPTModel 的 keep 参数）。"""
-    keep = targets != IGNORE_INDEX
-    out = torch.zeros(targets.shape, device=targets.device)
-    out[keep] = -F.cross_entropy(model(inputs, keep=keep).float(), targets[keep], reduction="none")
-    return out
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.04):

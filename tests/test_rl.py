@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from shared.dpo import frozen_copy
+from shared.dpo import frozen_copy, token_logprobs
 from shared.model import GPTModel, model_config
-from shared.rl import (completion_batch, group_advantages, grpo_loss, sample_completions, token_logprobs,
-                       train_grpo)
+from shared.rl import completion_batch, group_advantages, grpo_loss, sample_completions, train_grpo
 from shared.train import IGNORE_INDEX
 
 
