@@ -3,7 +3,7 @@
 import os
 
 # pytest -n 2 同时跑两本笔记本。每个内核的 torch 默认每个核开一个 OpenMP 线程，2 核的机器上两个内核的线程互相等待，
-# 小算子多的 tiny 笔记本会慢 20 倍以上（唐诗 SFT/RL 笔记本单独跑 25 s，并行时超过 12 分钟）。所以每个进程只用一半的核；
+# 小算子多的 tiny 笔记本会慢 20 倍以上（唐诗 SFT/RL 笔记本单独跑约 20 s，并行时超过 12 分钟）。所以每个进程只用一半的核；
 # 必须在 import torch 之前设置，nbval 启动的内核继承它。
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
 
