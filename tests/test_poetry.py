@@ -127,6 +127,7 @@ def test_load_tang_splits_reproduces_the_pretraining_split():
 CHUNXIAO = {"title": "春晓", "form": "五言绝句", "lines": ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少"]}
 LIANGZHOUCI = {"title": "凉州词", "form": "七言绝句",
                "lines": ["黄河远上白云间", "一片孤城万仞山", "羌笛何须怨杨柳", "春风不度玉门关"]}
+JINGYESI_LINES = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"]
 
 
 @pytest.mark.parametrize("poem", [CHUNXIAO, LIANGZHOUCI])
@@ -138,9 +139,6 @@ def test_every_sft_target_satisfies_its_instruction(poem, kind):
     assert prompt.startswith("### Instruction:\n") and prompt.endswith("\n\n### Response:\n")
     other = poem_text(JINGYESI_LINES if poem is not CHUNXIAO else ["一二三四五六七"] * 4)
     assert not follows_instruction(example, other[len(poem["lines"][0]) + 1:] if kind == "continue" else other)
-
-
-JINGYESI_LINES = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"]
 
 
 def test_poem_instruction_contents_and_bad_kind():
