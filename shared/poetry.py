@@ -75,6 +75,14 @@ def clean_poem(entry):
             "form": FORMS[len(lines[0]), len(lines)], "lines": lines}
 
 
+def dedupe_poems(poems):
+    """正文（全部诗句）相同的诗只留第一次出现的那首，顺序不变。"""
+    first = {}
+    for poem in poems:
+        first.setdefault("".join(poem["lines"]), poem)
+    return list(first.values())
+
+
 def poem_text(lines):
     """诗句 -> 统一标点的一行文字：奇数句后是“，”，偶数句后是“。”。"""
     return "".join(line + ("，" if i % 2 == 0 else "。") for i, line in enumerate(lines))
@@ -166,12 +174,9 @@ def format_constraint(tokenizer, prompt_len, lengths, counts, rhyme=False):
 
 # ---- 06_finetuning/bonus_tang_poetry_sft_rl.ipynb ----
 def load_tang_splits(seed=0):
-    """上一本的数据流程一次做完：读《全唐诗》、clean_poem、按正文去重（留第一次出现的）、split_poems，返回 {"train", "val", "test"}。"""
-    poems = {}
-    for poem in map(clean_poem, load_tang_poems()):
-        if poem is not None:
-            poems.setdefault("".join(poem["lines"]), poem)
-    return split_poems(list(poems.values()), seed)
+    """上一本的数据流程一次做完：读《全唐诗》、clean_poem、dedupe_poems、split_poems，返回 {"train", "val", "test"}。"""
+    cleaned = [poem for poem in map(clean_poem, load_tang_poems()) if poem is not None]
+    return split_poems(dedupe_poems(cleaned), seed)
 
 
 INSTRUCTION_HEADER = "### Instruction:\n"  # 与第 6 章相同的标题；回答前的标题是 shared.instruct.RESPONSE_HEADER
@@ -202,11 +207,8 @@ def follows_instruction(example, response):
     """回答是否满足指令（只查程序能查的部分）：格式（字数、句数、标点）都对，而且
     藏头：各句首字依次是 heads、每句 length 个字；命题：体裁对；续写：接上第一句后是一首完整的诗。"""
     kind = example["kind"]
-    if kind == "continue":
-        lines, text = poem_lines(example["first"] + "，" + response), example["first"] + "，" + response
-    else:
-        lines, text = poem_lines(response), response
-    checks = check_poem(text)
+    text = example["first"] + "，" + response if kind == "continue" else response
+    lines, checks = poem_lines(text), check_poem(text)
     if not (checks["line length"] and checks["line count"] and checks["punctuation"]):
         return False
     if kind == "acrostic":
